@@ -1,0 +1,168 @@
+"""Training checkpoints: safetensors for tensors, JSON for the rest.
+
+``out_dir/checkpoint/`` holds
+
+- ``weights.safetensors``: the module's parameters and buffers (``module.<name>``), the
+  Adam moments (``adam.<i>.exp_avg``, ``adam.<i>.exp_avg_sq``, ``adam.<i>.step`` for
+  parameter ``i`` in ``module.parameters()`` order) and ``last_fired [L, F]`` (tokens seen
+  when each feature last fired);
+- ``state.json``: format and version, the :class:`TrainingConfig`, the trained layers,
+  ``tokens_seen``, ``step``, the stream position (chunk, row), the running statistics and
+  the seconds trained so far.
+
+There is no other random state: initialisation uses a generator seeded by ``seed`` and
+each chunk's shuffle one seeded by ``(seed, chunk)``, so the stream position determines
+every later batch. A checkpoint is written to a temporary directory and renamed into
+place, so an interrupted write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from tl_circuits.training.activations import StreamPosition
+from tl_circuits.training.config import CheckpointError, TrainingConfig
+from tl_circuits.training.trainable import TrainableTranscoder
+
+CHECKPOINT_DIR = "checkpoint"
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "state.json"
+CHECKPOINT_FORMAT = "tl_circuits.training_checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to continue besides the weights and Adam moments."""
+
+    tokens_seen: int = 0
+    step: int = 0
+    position: StreamPosition = field(default_factory=StreamPosition)
+    seconds: float = 0.0
+    stats: dict[str, Any] | None = None
+
+
+def save_checkpoint(
+    out_dir: Path,
+    cfg: TrainingConfig,
+    layers: list[int],
+    module: TrainableTranscoder,
+    optimizer: torch.optim.Adam,
+    last_fired: Tensor,
+    state: TrainingState,
+) -> Path:
+    """Write ``out_dir/checkpoint`` atomically; returns its path."""
+    tensors: dict[str, Tensor] = {
+        f"module.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+    }
+    params = list(module.parameters())
+    for i, param in enumerate(params):
+        moments = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in moments:
+                value = torch.as_tensor(moments[key]).detach().cpu().reshape(moments[key].shape)
+                tensors[f"adam.{i}.{key}"] = value.contiguous()
+    tensors["last_fired"] = last_fired.detach().cpu().contiguous()
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": cfg.to_dict(),
+        "layers": layers,
+        "tokens_seen": state.tokens_seen,
+        "step": state.step,
+        "position": {"chunk": state.position.chunk, "row": state.position.row},
+        "seconds": state.seconds,
+        "stats": state.stats,
+    }
+    final = out_dir / CHECKPOINT_DIR
+    tmp = out_dir / (CHECKPOINT_DIR + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / WEIGHTS_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+    old = out_dir / (CHECKPOINT_DIR + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(
+    out_dir: Path,
+    cfg: TrainingConfig,
+    layers: list[int],
+    module: TrainableTranscoder,
+    optimizer: torch.optim.Adam,
+    device: torch.device,
+) -> tuple[Tensor, TrainingState]:
+    """Restore weights and Adam moments into ``module``/``optimizer``; return
+    ``(last_fired, state)``.
+
+    Raises CheckpointError when there is no checkpoint, it is of another format, or its
+    configuration or layers differ from this run's (naming the fields).
+    """
+    root = out_dir / CHECKPOINT_DIR
+    if not (root / STATE_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"resume=True but {root} holds no checkpoint ({STATE_FILE} + {WEIGHTS_FILE}); "
+            "run with resume=False to start from scratch"
+        )
+    meta = json.loads((root / STATE_FILE).read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{root / STATE_FILE}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint"
+        )
+    saved = TrainingConfig.from_dict(meta["config"])
+    diff = cfg.differences(saved)
+    if diff:
+        detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+        raise CheckpointError(
+            f"the checkpoint in {root} was made with a different configuration ({detail}); "
+            "resume with the same TrainingConfig or use another out_dir"
+        )
+    if meta["layers"] != layers:
+        raise CheckpointError(
+            f"the checkpoint trained layers {meta['layers']}, this run layers {layers} "
+            "(does the model have the same number of layers?)"
+        )
+    tensors = load_file(str(root / WEIGHTS_FILE), device=str(device))
+    module_state = {
+        k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")
+    }
+    try:
+        module.load_state_dict(module_state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{root / WEIGHTS_FILE}: weights do not fit this model: {exc}"
+        ) from exc
+    for i, param in enumerate(module.parameters()):
+        moments = {
+            key: tensors[f"adam.{i}.{key}"]
+            for key in ("exp_avg", "exp_avg_sq", "step")
+            if f"adam.{i}.{key}" in tensors
+        }
+        if moments:
+            moments["step"] = moments["step"].cpu()  # Adam keeps its step count on the CPU
+            optimizer.state[param] = moments
+    position = StreamPosition(meta["position"]["chunk"], meta["position"]["row"])
+    state = TrainingState(
+        tokens_seen=meta["tokens_seen"],
+        step=meta["step"],
+        position=position,
+        seconds=meta["seconds"],
+        stats=meta["stats"],
+    )
+    return tensors["last_fired"], state
