@@ -1,13 +1,16 @@
-"""Invariant Q1 of DESIGN.md §4 (graph-node basis) on all five families, and bad inputs."""
+"""Invariant Q1 of DESIGN.md §4 on all five families and all three bases, views, bad inputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import cached_model, cached_transcoders, prompt_tokens
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer
 
 from tl_circuits import AttributionGraph
-from tl_circuits.qk import BIAS, EXCLUDED, QKAttribution, QKError
+from tl_circuits.qk import BIAS, EXCLUDED, QKAttribution, QKBasis, QKError
 from tl_circuits.testing import FAMILIES
 
 F64 = torch.float64
@@ -20,43 +23,125 @@ def _graph(family: str, kind: str, **kw) -> AttributionGraph:
     return AttributionGraph.build(model, tcs, prompt_tokens(), show_progress=False, **kw)
 
 
-def _reference_scores(graph: AttributionGraph, layer: int, head: int) -> tuple[torch.Tensor, ...]:
+def resid_sae(model: HookedTransformer, layer: int, jumprelu: bool, seed: int = 0):
+    """A random SAE-Lens SAE at ``blocks.{layer}.hook_resid_pre`` (about half the features
+    active per position)."""
+    d = model.cfg.d_model
+    cls, cfg_cls = (
+        (JumpReLUSAE, JumpReLUSAEConfig) if jumprelu else (StandardSAE, StandardSAEConfig)
+    )
+    sae = cls(
+        cfg_cls(
+            d_in=d,
+            d_sae=48,
+            dtype="float64",
+            metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_pre"),
+        )
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=F64) / d**0.5)
+        if jumprelu:
+            sae.threshold.copy_(sae.threshold.abs() * 0.1)
+    return sae
+
+
+def attn_cache(model: HookedTransformer, tokens: torch.Tensor) -> dict:
+    """The clean run's attention hooks and residual streams."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            tokens[None], names_filter=lambda n: "attn.hook" in n or "hook_resid_pre" in n
+        )
+    return dict(cache.items())
+
+
+def reference_scores(
+    model: HookedTransformer, cache: dict, layer: int, head: int, query: int = QUERY
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TransformerLens's own pre-soft-cap scores (q.k / attn_scale) and hook_attn_scores."""
-    model = graph.context.model
     cfg = model.cfg
     rotary = cfg.positional_embedding_type == "rotary"
     q_name, k_name = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
-    _, cache = model.run_with_cache(graph.tokens[None])
     group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
-    q = cache[f"blocks.{layer}.attn.{q_name}"][0, QUERY, head]
-    k = cache[f"blocks.{layer}.attn.{k_name}"][0, : QUERY + 1, head // group]
+    q = cache[f"blocks.{layer}.attn.{q_name}"][0, query, head]
+    k = cache[f"blocks.{layer}.attn.{k_name}"][0, : query + 1, head // group]
     pre_cap = k @ q / model.blocks[layer].attn.attn_scale
-    hooked = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, QUERY, : QUERY + 1]
+    hooked = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, query, : query + 1]
     return pre_cap, hooked
 
 
-@pytest.mark.parametrize("kind", ["relu", "jumprelu_skip", "clt"])
+def check_q1(qk: QKAttribution, model: HookedTransformer, cache: dict) -> None:
+    """The dense terms sum to the model's scores (pre-cap; hook_attn_scores without a cap)."""
+    pre_cap, hooked = reference_scores(model, cache, qk.layer, qk.head, qk.query_pos)
+    total = qk.terms.sum((1, 2))
+    torch.testing.assert_close(total, pre_cap, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(qk.scores, pre_cap, rtol=1e-4, atol=1e-10)
+    cap = model.cfg.attn_scores_soft_cap
+    assert qk.soft_capped == bool(cap and cap > 0)
+    if qk.soft_capped:  # the cap is applied after these scores
+        torch.testing.assert_close(cap * torch.tanh(total / cap), hooked, rtol=1e-4, atol=1e-10)
+    else:  # DESIGN Q1: hook_attn_scores itself
+        torch.testing.assert_close(total, hooked, rtol=1e-4, atol=1e-10)
+    assert qk.terms.shape == (QUERY + 1, len(qk.q_components), len(qk.k_components))
+    assert int(qk.q_components[-1]) == BIAS and int(qk.k_components[-1]) == BIAS
+    # not all bias: the components carry real terms
+    assert qk.terms[:, :-1, :-1].abs().sum() > 1e-3 * qk.terms.abs().sum()
+
+
+@pytest.mark.parametrize("kind", ["relu", "clt"])  # skip transcoders: budgeted test
 @pytest.mark.parametrize("family", FAMILIES)
-def test_q1_terms_sum_to_scores(family: str, kind: str) -> None:
+def test_q1_graph_basis(family: str, kind: str) -> None:
     graph = _graph(family, kind)
-    cfg = graph.context.model.cfg
-    for layer in range(cfg.n_layers):
-        for head in range(cfg.n_heads):
-            qk = QKAttribution.compute(graph, layer=layer, head=head, query_pos=QUERY)
-            pre_cap, hooked = _reference_scores(graph, layer, head)
-            torch.testing.assert_close(qk.scores, pre_cap, rtol=1e-4, atol=1e-10)
-            assert qk.soft_capped == (family == "gemma2")
-            if not qk.soft_capped:  # DESIGN Q1: hook_attn_scores itself
-                torch.testing.assert_close(qk.scores, hooked, rtol=1e-4, atol=1e-10)
-            else:  # the cap is applied after these scores
-                cap = cfg.attn_scores_soft_cap
-                torch.testing.assert_close(
-                    cap * torch.tanh(qk.scores / cap), hooked, rtol=1e-4, atol=1e-10
-                )
-            assert qk.terms.shape == (QUERY + 1, len(qk.q_components), len(qk.k_components))
-            assert int(qk.q_components[-1]) == BIAS
-    # components are real graph nodes and the terms are not all bias
-    assert qk.terms[:, :-1, :-1].abs().sum() > 0
+    model = graph.context.model
+    cache = attn_cache(model, graph.tokens)
+    for layer in range(model.cfg.n_layers):
+        basis = QKBasis.from_graph(graph, layer)
+        for head in range(model.cfg.n_heads):
+            qk = QKAttribution.compute(graph, layer=layer, head=head, query_pos=QUERY, basis=basis)
+            check_q1(qk, model, cache)
+            assert qk.basis == "graph"
+
+
+@pytest.mark.parametrize("jumprelu", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q1_sae_basis(family: str, jumprelu: bool) -> None:
+    model, tokens = cached_model(family, False, F64), prompt_tokens()
+    cache = attn_cache(model, tokens)
+    for layer in range(model.cfg.n_layers):
+        sae = resid_sae(model, layer, jumprelu, seed=layer)
+        basis = QKBasis.from_sae(model, tokens, sae, layer)
+        kinds = set(basis.table.kind)
+        assert kinds == {"sae_feature", "sae_error", "bias"}
+        for head in range(model.cfg.n_heads):
+            check_q1(QKAttribution.from_basis(basis, head=head, query_pos=QUERY), model, cache)
+    # the components at each position are the SAE's decomposition of the residual stream
+    x = cache[f"blocks.{layer}.hook_resid_pre"][0]
+    every = torch.arange(len(basis.table))
+    torch.testing.assert_close(basis.contributions(every, range(len(tokens))).sum(0), x)
+    acts = sae.encode(x)
+    qk = QKAttribution.from_sae(model, tokens, sae, layer=layer, head=0, query_pos=QUERY)
+    features = [int(basis.table.index[c]) for c in qk.q_components[:-2]]
+    assert sorted(features) == acts[QUERY].nonzero()[:, 0].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q1_components_basis(family: str) -> None:
+    model, tokens = cached_model(family, False, F64), prompt_tokens()
+    n_heads = model.cfg.n_heads
+    cache = attn_cache(model, tokens)
+    for layer in range(model.cfg.n_layers):
+        basis = QKBasis.from_components(model, tokens, layer)
+        assert basis.table.kind.count("head") == layer * n_heads
+        assert basis.table.kind.count("mlp") == layer
+        # the residual stream is literally the sum of the components
+        resid = cache[f"blocks.{layer}.hook_resid_pre"][0]
+        every = torch.arange(len(basis.table))
+        torch.testing.assert_close(basis.contributions(every, range(len(tokens))).sum(0), resid)
+        for head in range(n_heads):
+            check_q1(QKAttribution.from_basis(basis, head=head, query_pos=QUERY), model, cache)
+    qk = QKAttribution.from_components(model, tokens, layer=1, head=2, query_pos=QUERY)
+    assert qk.basis == "components" and qk.label(BIAS).startswith("biases")
 
 
 def test_q1_budgeted_graph_has_excluded_component() -> None:
@@ -65,28 +150,80 @@ def test_q1_budgeted_graph_has_excluded_component() -> None:
     graph = _graph("llama", "jumprelu_skip", max_feature_nodes=budget)
     qk = QKAttribution.compute(graph, layer=2, head=1, query_pos=QUERY)
     assert EXCLUDED in qk.q_components.tolist()
-    pre_cap, _ = _reference_scores(graph, 2, 1)
-    torch.testing.assert_close(qk.scores, pre_cap, rtol=1e-4, atol=1e-10)
+    assert qk.label(EXCLUDED).startswith("features left out")
+    check_q1(qk, graph.context.model, attn_cache(graph.context.model, graph.tokens))
 
 
 def test_views() -> None:
-    graph = _graph("gpt2", "relu")
-    qk = QKAttribution.compute(graph, layer=1, head=2, query_pos=QUERY, key_pos=[3, 8])
-    assert qk.key_pos.tolist() == [3, 8]
+    model, tokens = cached_model("gpt2", False, F64), prompt_tokens()
+    qk = QKAttribution.from_components(model, tokens, layer=2, head=2, query_pos=QUERY)
+    # marginals: each side's totals sum to the scores, and match the dense terms
+    torch.testing.assert_close(qk.query_marginals(), qk.terms.sum(2))
+    torch.testing.assert_close(qk.key_marginals(), qk.terms.sum(1))
     torch.testing.assert_close(qk.query_marginals().sum(1), qk.scores)
-    torch.testing.assert_close(qk.key_marginals().sum(1), qk.scores)
-    top = qk.top_terms(0, k=3)
-    assert abs(top[0][2]) >= abs(top[1][2]) >= abs(top[2][2])
-    assert abs(top[0][2]) == float(qk.terms[0].abs().max())
+    # sorted terms: by |value|, most positive, most negative
+    for key in (0, 4, QUERY):
+        dense = qk.terms[key]
+        top = qk.top_terms(key, k=4)
+        assert [abs(t.value) for t in top] == sorted((abs(t.value) for t in top), reverse=True)
+        assert abs(top[0].value) == pytest.approx(float(dense.abs().max()))
+        assert qk.top_terms(key, 1, sign="positive")[0].value == pytest.approx(float(dense.max()))
+        assert qk.top_terms(key, 1, sign="negative")[0].value == pytest.approx(float(dense.min()))
+        q_row = qk.q_components.tolist().index(top[0].query)
+        k_row = qk.k_components.tolist().index(top[0].key)
+        assert float(dense[q_row, k_row]) == pytest.approx(top[0].value)
+    # sparse top-k: exact sums, values are the largest terms
+    sparse = qk.sparse_terms(5)
+    torch.testing.assert_close(sparse.value.sum(1) + sparse.remainder, qk.scores)
+    torch.testing.assert_close(sparse.value.abs(), qk.terms.flatten(1).abs().topk(5).values)
+    # softmax competition: terms sum to score_k - sum_j p_j score_j; p is the real pattern
+    _, cache = model.run_with_cache(tokens[None])
+    p = cache["blocks.2.attn.hook_pattern"][0, 2, QUERY, : QUERY + 1]
+    torch.testing.assert_close(qk.pattern, p)
+    for key in (0, 7):
+        c = qk.competition_terms(key)
+        expected = qk.scores[key] - p @ qk.scores
+        torch.testing.assert_close(c.sum(), expected)
+        assert qk.competition_score(key) == pytest.approx(float(expected))
+        q_tot, k_tot = qk.competition_marginals(key)
+        torch.testing.assert_close(q_tot.sum(), expected)
+        torch.testing.assert_close(k_tot.sum(), expected)
+        torch.testing.assert_close(c, qk.terms[key] - torch.einsum("k,kij->ij", p, qk.terms))
+        assert qk.top_terms(key, 1, competition=True)[0].value == pytest.approx(
+            float(c.flatten()[c.abs().argmax()])
+        )
+    partial = QKAttribution.from_components(
+        model, tokens, layer=2, head=2, query_pos=QUERY, key_pos=[3]
+    )
+    with pytest.raises(QKError, match="key_pos=None"):
+        partial.competition_terms(0)
+    recs = qk.records(0, k=2)
+    assert set(recs[0]) == {"value", "query", "key"} and "label" in recs[0]["query"]
 
 
 def test_bad_inputs() -> None:
     graph = _graph("gpt2", "relu")
+    model, tokens = graph.context.model, graph.tokens
     with pytest.raises(QKError, match="after query position"):
         QKAttribution.compute(graph, layer=1, head=0, query_pos=3, key_pos=5)
+    with pytest.raises(QKError, match="after query position"):
+        QKAttribution.from_components(model, tokens, layer=1, head=0, query_pos=3, key_pos=[2, 4])
     with pytest.raises(QKError, match="layer 7 out of range"):
         QKAttribution.compute(graph, layer=7, head=0, query_pos=3)
+    with pytest.raises(QKError, match="layer -1 out of range"):
+        QKAttribution.from_components(model, tokens, layer=-1, head=0, query_pos=3)
     with pytest.raises(QKError, match="head 9 out of range"):
         QKAttribution.compute(graph, layer=0, head=9, query_pos=3)
+    with pytest.raises(QKError, match="head 4 out of range"):
+        QKAttribution.from_components(model, tokens, layer=0, head=4, query_pos=3)
     with pytest.raises(QKError, match="query position 40"):
         QKAttribution.compute(graph, layer=0, head=0, query_pos=40)
+    sae = resid_sae(model, 1, jumprelu=False)
+    expected = r"reads 'blocks.1.hook_resid_pre'.*'blocks.2.hook_resid_pre'"
+    with pytest.raises(QKError, match=expected):
+        QKAttribution.from_sae(model, tokens, sae, layer=2, head=0, query_pos=3)
+    wrong = StandardSAE(
+        StandardSAEConfig(d_in=32, d_sae=8, metadata=SAEMetadata(hook_name="blocks.1.hook_mlp_out"))
+    )
+    with pytest.raises(QKError, match=r"hook_mlp_out.*blocks.1.hook_resid_pre"):
+        QKAttribution.from_sae(model, tokens, wrong, layer=1, head=0, query_pos=3)

@@ -1,50 +1,90 @@
 """QK attributions (DESIGN.md §4): a head's attention score split into query x key terms.
 
 For head ``h`` of layer ``m``, query position ``q`` and key position ``k``, the residual
-stream entering layer ``m`` is a sum of components: each graph node's direct contribution
-(features, errors, tokens, propagated through the frozen model by
-:meth:`FrozenLinearModel.forward_residuals`), the features a budget left out (one
-component), and a constant ``bias`` (every bias of the model, from a forward pass with all
-nodes zero). With frozen norm scales every map to the query / key vector is linear:
+stream entering layer ``m`` is a sum of components (a *basis*, :mod:`tl_circuits.qk_bases`:
+the attribution graph's nodes, a residual-stream SAE's features, or the dictionary-free
+embeddings / head outputs / MLP outputs), the last one a constant ``bias``. With the norm
+scales frozen at their clean values every map to the query / key vector is linear:
 
     q_i = rot_q(qknorm_q(LN1(x_i[q]) @ W_Q[h]))      (+ ln1.b @ W_Q[h] + b_Q[h] for bias)
 
-and the same for keys (key head ``h // group`` under GQA), so the pre-softmax score,
-before any soft-cap, is ``score = sum_{i,j} <q_i, k_j> / attn_scale`` (invariant Q1).
-Gemma-2's tanh soft-cap is not bilinear: the terms decompose the pre-cap score and the
-result says so (``soft_capped``).
+and the same for keys (key head ``h // group`` under GQA), so the pre-softmax score before
+any soft-cap is
+
+    score[q, k] = sum_{i,j} T[k, i, j],   T[k, i, j] = <q_i, k_j> / attn_scale
+
+(invariant Q1). Gemma-2's tanh soft-cap is not bilinear: the terms decompose the pre-cap
+score, and the result says so (``soft_capped``).
+
+A :class:`QKAttribution` keeps the component vectors (``[n_q, d_head]`` and
+``[n_k, n_keys, d_head]``), never the dense ``[n_keys, n_q, n_k]`` tensor unless asked
+(:attr:`QKAttribution.terms`): top terms, marginals, the softmax-competition view and the
+sparse top-k form (:meth:`QKAttribution.sparse_terms`) are computed key by key. The
+*competition* view of key ``k`` splits ``score_k - sum_j p_j score_j`` (``p`` the head's
+clean attention pattern over the keys it can see) into the same terms,
+``C[i, j] = <q_i, k_j(k) - sum_l p_l k_j(l)> / attn_scale``: what makes ``k`` win against
+the other keys rather than what makes its score large.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
-from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.graph import AttributionGraph
-from tl_circuits.graph.nodes import ERROR, FEATURE, TOKEN
+from tl_circuits.prompt import Prompt
+from tl_circuits.qk_bases import (
+    BIAS,
+    EXCLUDED,
+    ComponentTable,
+    QKBasis,
+    QKError,
+)
 from tl_circuits.typing import Float, Int, typechecked
 
-BIAS = -1  #: component index of the bias term
-EXCLUDED = -2  #: component index of the features left out by a budget
+__all__ = ["BIAS", "EXCLUDED", "QKAttribution", "QKBasis", "QKError", "QKTerm", "SparseQKTerms"]
 
 
-class QKError(TLCircuitsError):
-    """A QK attribution request is invalid (head, layer or positions out of range, ...)."""
+class QKTerm(NamedTuple):
+    """One term: query component id, key component id, value (score units)."""
+
+    query: int
+    key: int
+    value: float
 
 
 @typechecked
 @dataclass(frozen=True)
+class SparseQKTerms:
+    """The ``top_k`` largest-|value| terms per key plus what the rest sums to.
+
+    ``query[k, t]``, ``key[k, t]``: component ids; ``value[k, t]``; ``remainder[k]``: the sum
+    of every other term, so ``value.sum(1) + remainder == scores`` exactly.
+    """
+
+    query: Int[Tensor, "n_keys top_k"]
+    key: Int[Tensor, "n_keys top_k"]
+    value: Float[Tensor, "n_keys top_k"]
+    remainder: Float[Tensor, " n_keys"]
+
+
+@typechecked
+@dataclass(frozen=True, eq=False)
 class QKAttribution:
     """Terms of one head's scores at one query position and ``n_keys`` key positions.
 
-    - ``terms[k, i, j] = <q_i, k_j> / attn_scale`` for key position ``key_pos[k]``
-    - ``q_components`` / ``k_components``: graph node index of each component, or
-      ``BIAS`` (-1) / ``EXCLUDED`` (-2)
-    - ``scores[k]``: the sum of the terms, the pre-soft-cap score
+    - ``q_components`` / ``k_components``: component ids (rows of ``table``; ``BIAS`` = -1,
+      ``EXCLUDED`` = -2) with a nonzero contribution at the query / some key position
+    - ``q_vectors[i]``: component ``i``'s query vector; ``k_vectors[j, k]``: its key vector
+      at ``key_pos[k]`` (after norms, projection, QK-norm, rotary; ``d_head`` wide)
+    - ``scores[k]``: the pre-soft-cap score (the sum of the terms)
+    - ``pattern[k]``: the head's clean attention probability on ``key_pos[k]``
     - ``soft_capped``: the model applies a tanh soft-cap after these scores
+    - ``basis``: "graph", "sae" or "components"
     """
 
     layer: int
@@ -53,9 +93,16 @@ class QKAttribution:
     key_pos: Int[Tensor, " n_keys"]
     q_components: Int[Tensor, " n_q"]
     k_components: Int[Tensor, " n_k"]
-    terms: Float[Tensor, "n_keys n_q n_k"]
+    q_vectors: Float[Tensor, "n_q d_head"]
+    k_vectors: Float[Tensor, "n_k n_keys d_head"]
+    attn_scale: float
     scores: Float[Tensor, " n_keys"]
+    pattern: Float[Tensor, " n_keys"]
     soft_capped: bool
+    basis: str
+    table: ComponentTable
+
+    # ---- constructors ------------------------------------------------------------------
 
     @classmethod
     def compute(
@@ -66,161 +113,223 @@ class QKAttribution:
         head: int,
         query_pos: int,
         key_pos: int | list[int] | None = None,
+        basis: QKBasis | None = None,
     ) -> QKAttribution:
-        """QK terms of ``head`` at ``layer`` for ``query_pos`` and ``key_pos`` (default:
-        every key position the query can attend to, ``0..query_pos``)."""
-        ctx = graph.context
-        if ctx is None:
-            raise QKError("this graph has no replacement context (loaded from disk?); rebuild it")
-        cfg = ctx.model.cfg
-        if not 0 <= layer < cfg.n_layers:
-            raise QKError(f"layer {layer} out of range [0, {cfg.n_layers})")
-        if not 0 <= head < cfg.n_heads:
-            raise QKError(f"head {head} out of range [0, {cfg.n_heads})")
-        if not 0 <= query_pos < ctx.n_pos:
-            raise QKError(f"query position {query_pos} outside the prompt (length {ctx.n_pos})")
-        keys = (
-            list(range(query_pos + 1))
-            if key_pos is None
-            else ([key_pos] if isinstance(key_pos, int) else list(key_pos))
-        )
-        for k in keys:
-            if not 0 <= k < ctx.n_pos:
-                raise QKError(f"key position {k} outside the prompt (length {ctx.n_pos})")
-            if k > query_pos:
-                raise QKError(
-                    f"key position {k} is after query position {query_pos}: the causal mask "
-                    "hides it, its score is not defined"
-                )
-        comps, residuals = _components(graph, layer)  # [n, pos, d_model]
-        attn = ctx.model.blocks[layer].attn
-        q_vec = _project(ctx, layer, head, residuals, [query_pos], side="q")[:, 0]  # [n, e]
-        k_vec = _project(ctx, layer, head, residuals, keys, side="k")  # [n, n_keys, e]
-        terms = torch.einsum("ie,jke->kij", q_vec, k_vec) / attn.attn_scale
+        """Graph-node basis terms of ``head`` at ``layer`` for ``query_pos`` and ``key_pos``
+        (default: every key position the query can attend to, ``0..query_pos``).
+
+        Pass ``basis=QKBasis.from_graph(graph, layer)`` to reuse the propagated components
+        across heads and positions of one layer.
+        """
+        if basis is None:
+            basis = QKBasis.from_graph(graph, layer)
+        return cls.from_basis(basis, head=head, query_pos=query_pos, key_pos=key_pos)
+
+    @classmethod
+    def from_sae(
+        cls,
+        model: HookedTransformer,
+        prompt: Prompt,
+        sae: Any,
+        *,
+        layer: int,
+        head: int,
+        query_pos: int,
+        key_pos: int | list[int] | None = None,
+    ) -> QKAttribution:
+        """Terms in the basis of a residual-stream SAE-Lens ``sae`` reading
+        ``blocks.{layer}.hook_resid_pre``: ``x = sum_f a_f d_f + b_dec + error``. No graph
+        and no transcoders needed."""
+        basis = QKBasis.from_sae(model, prompt, sae, layer)
+        return cls.from_basis(basis, head=head, query_pos=query_pos, key_pos=key_pos)
+
+    @classmethod
+    def from_components(
+        cls,
+        model: HookedTransformer,
+        prompt: Prompt,
+        *,
+        layer: int,
+        head: int,
+        query_pos: int,
+        key_pos: int | list[int] | None = None,
+    ) -> QKAttribution:
+        """Terms in the dictionary-free basis: token (and positional) embedding, each earlier
+        head's output, each earlier MLP's output, biases. Works on any model."""
+        basis = QKBasis.from_components(model, prompt, layer)
+        return cls.from_basis(basis, head=head, query_pos=query_pos, key_pos=key_pos)
+
+    @classmethod
+    def from_basis(
+        cls,
+        basis: QKBasis,
+        *,
+        head: int,
+        query_pos: int,
+        key_pos: int | list[int] | None = None,
+        show_progress: bool = False,
+    ) -> QKAttribution:
+        """Terms of ``head`` (at ``basis.layer``) in ``basis``."""
+        model, layer = basis.model, basis.layer
+        cfg = model.cfg
+        keys = check_positions(basis, head, query_pos, key_pos)
+        q_rows = basis.live_rows([query_pos])
+        k_rows = basis.live_rows(keys)
+        q_vec = basis.project(head, q_rows, [query_pos], "q", show_progress=show_progress)
+        k_vec = basis.project(head, k_rows, keys, "k", show_progress=show_progress)
+        attn = model.blocks[layer].attn
+        scale = float(attn.attn_scale)
+        scores = k_vec.sum(0) @ q_vec[:, 0].sum(0) / scale
         return cls(
             layer=layer,
             head=head,
             query_pos=query_pos,
             key_pos=torch.tensor(keys, dtype=torch.long),
-            q_components=comps,
-            k_components=comps.clone(),
-            terms=terms,
-            scores=terms.sum((1, 2)),
+            q_components=_ids(q_rows, basis.table),
+            k_components=_ids(k_rows, basis.table),
+            q_vectors=q_vec[:, 0],
+            k_vectors=k_vec,
+            attn_scale=scale,
+            scores=scores,
+            pattern=_clean_pattern(basis, head, query_pos, keys),
             soft_capped=bool(cfg.attn_scores_soft_cap and cfg.attn_scores_soft_cap > 0),
+            basis=basis.name,
+            table=basis.table,
         )
 
-    def top_terms(self, key_index: int = 0, k: int = 10) -> list[tuple[int, int, float]]:
-        """The ``k`` largest-|value| terms at key ``key_index``: (q component, k component,
-        value), components as graph node indices (or BIAS / EXCLUDED)."""
-        t = self.terms[key_index]
-        flat = t.abs().flatten().argsort(descending=True)[:k]
-        n_k = t.shape[1]
-        return [
-            (
-                int(self.q_components[f // n_k]),
-                int(self.k_components[f % n_k]),
-                float(t.flatten()[f]),
+    # ---- views -------------------------------------------------------------------------
+
+    @property
+    def terms(self) -> Float[Tensor, "n_keys n_q n_k"]:
+        """The dense ``[n_keys, n_q, n_k]`` terms (memory ``n_keys * n_q * n_k``; prefer the
+        per-key views on large bases)."""
+        return torch.einsum("ie,jke->kij", self.q_vectors, self.k_vectors) / self.attn_scale
+
+    def key_terms(self, key_index: int) -> Float[Tensor, "n_q n_k"]:
+        """Terms ``[n_q, n_k]`` at ``key_pos[key_index]``."""
+        return self.q_vectors @ self.k_vectors[:, key_index].T / self.attn_scale
+
+    def competition_terms(self, key_index: int) -> Float[Tensor, "n_q n_k"]:
+        """Softmax-competition terms of ``key_pos[key_index]``: they sum to
+        ``score_k - sum_j p_j score_j`` over the keys the head can attend to.
+
+        Needs every key with nonzero attention among ``key_pos`` (compute with the default
+        ``key_pos``); raises :class:`QKError` otherwise.
+        """
+        covered = float(self.pattern.sum())
+        if abs(covered - 1.0) > 1e-4:
+            raise QKError(
+                f"the keys computed carry {covered:.4f} of the attention, not all of it; "
+                "compute with key_pos=None (every key the query can attend to)"
             )
-            for f in flat.tolist()
-        ]
+        p = self.pattern.to(self.k_vectors.dtype)
+        mean_k = torch.einsum("k,jke->je", p, self.k_vectors)  # [n_k, d_head]
+        return self.q_vectors @ (self.k_vectors[:, key_index] - mean_k).T / self.attn_scale
+
+    def competition_score(self, key_index: int) -> float:
+        """``score_k - sum_j p_j score_j`` (what the competition terms sum to)."""
+        return float(self.scores[key_index] - self.pattern.to(self.scores.dtype) @ self.scores)
+
+    def top_terms(
+        self, key_index: int = 0, k: int = 10, *, sign: str = "both", competition: bool = False
+    ) -> list[QKTerm]:
+        """The ``k`` largest terms at ``key_pos[key_index]`` (by |value|, or the most positive
+        / most negative with ``sign="positive"`` / ``"negative"``), as (query id, key id,
+        value); ``competition=True`` ranks the competition terms instead."""
+        t = self.competition_terms(key_index) if competition else self.key_terms(key_index)
+        return _ranked(t, self.q_components, self.k_components, k, sign)
 
     def query_marginals(self) -> Float[Tensor, "n_keys n_q"]:
-        """Each query component's total over key components."""
-        return self.terms.sum(2)
+        """Each query component's total over key components, per key."""
+        return self.k_vectors.sum(0) @ self.q_vectors.T / self.attn_scale
 
     def key_marginals(self) -> Float[Tensor, "n_keys n_k"]:
-        """Each key component's total over query components."""
-        return self.terms.sum(1)
+        """Each key component's total over query components, per key."""
+        return (self.k_vectors @ self.q_vectors.sum(0)).T / self.attn_scale
+
+    def competition_marginals(self, key_index: int) -> tuple[Tensor, Tensor]:
+        """Query-side ``[n_q]`` and key-side ``[n_k]`` totals of the competition terms."""
+        c = self.competition_terms(key_index)
+        return c.sum(1), c.sum(0)
+
+    def sparse_terms(self, top_k: int) -> SparseQKTerms:
+        """The ``top_k`` largest-|value| terms per key and the remainder (exact sums),
+        built key by key (never the dense ``[n_keys, n_q, n_k]`` tensor)."""
+        qs, ks, vs, rest = [], [], [], []
+        n_k = len(self.k_components)
+        for key_index in range(len(self.key_pos)):
+            t = self.key_terms(key_index).flatten()
+            top = t.abs().topk(min(top_k, t.numel())).indices
+            qs.append(self.q_components[top // n_k])
+            ks.append(self.k_components[top % n_k])
+            vs.append(t[top])
+            rest.append(t.sum() - t[top].sum())
+        return SparseQKTerms(torch.stack(qs), torch.stack(ks), torch.stack(vs), torch.stack(rest))
+
+    def label(self, component: int) -> str:
+        """Human-readable name of a component id."""
+        return self.table.label[self.table.row(component)]
+
+    def records(self, key_index: int = 0, k: int = 10) -> list[dict[str, Any]]:
+        """JSON-ready top terms at ``key_pos[key_index]`` with both components' tables."""
+        out = []
+        for term in self.top_terms(key_index, k):
+            q_rec, k_rec = self.table.records([term.query, term.key])
+            out.append(dict(value=term.value, query=q_rec, key=k_rec))
+        return out
 
 
-def _components(graph: AttributionGraph, layer: int) -> tuple[Tensor, Tensor]:
-    """Component node indices and their contributions to ``resid_pre(layer)``.
+def check_positions(
+    basis: QKBasis, head: int, query_pos: int, key_pos: int | list[int] | None
+) -> list[int]:
+    """Validate head and positions; returns the key positions (default ``0..query_pos``)."""
+    cfg = basis.model.cfg
+    n_pos = basis.n_pos
+    if not 0 <= head < cfg.n_heads:
+        raise QKError(f"head {head} out of range [0, {cfg.n_heads})")
+    if not 0 <= query_pos < n_pos:
+        raise QKError(f"query position {query_pos} outside the prompt (length {n_pos})")
+    keys = (
+        list(range(query_pos + 1))
+        if key_pos is None
+        else ([key_pos] if isinstance(key_pos, int) else list(key_pos))
+    )
+    if not keys:
+        raise QKError("no key positions given")
+    for k in keys:
+        if not 0 <= k < n_pos:
+            raise QKError(f"key position {k} outside the prompt (length {n_pos})")
+        if k > query_pos:
+            raise QKError(
+                f"key position {k} is after query position {query_pos}: the causal mask "
+                "hides it, its score is not defined"
+            )
+    return keys
 
-    Components: feature and error nodes writing below ``layer``, token nodes, the budget's
-    excluded features (if any), and the bias (last). Returns ``(indices [n], residuals
-    [n, pos, d_model])``.
-    """
-    ctx = graph.context
-    assert ctx is not None
-    tcs = ctx.transcoders
-    lin = ctx.linear
-    nodes = graph.nodes
-    n_pos, d_model = ctx.n_pos, ctx.model.cfg.d_model
-    dtype = ctx.embeddings.dtype
-    chosen = [
-        i
-        for i in range(len(nodes))
-        if (int(nodes.kind[i]) in (FEATURE, ERROR) and int(nodes.layer[i]) < layer)
-        or int(nodes.kind[i]) == TOKEN
+
+def _ids(rows: Tensor, table: ComponentTable) -> Tensor:
+    """Component ids of table rows: the last row is ``BIAS``, the one before ``EXCLUDED``
+    in the graph basis -- negative ids, stable across graphs."""
+    n = len(table)
+    ids = rows.clone()
+    ids[rows == n - 1] = BIAS
+    if table.kind[n - 2] == "excluded":
+        ids[rows == n - 2] = EXCLUDED
+    return ids
+
+
+def _ranked(t: Tensor, q_ids: Tensor, k_ids: Tensor, k: int, sign: str) -> list[QKTerm]:
+    if sign not in ("both", "positive", "negative"):
+        raise QKError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
+    flat = t.flatten()
+    key = {"both": flat.abs(), "positive": flat, "negative": -flat}[sign]
+    order = key.topk(min(k, flat.numel())).indices
+    n_k = t.shape[1]
+    return [
+        QKTerm(int(q_ids[f // n_k]), int(k_ids[f % n_k]), float(flat[f])) for f in order.tolist()
     ]
-    n = len(chosen) + (1 if len(graph.excluded) else 0)
-    writes: dict[int, Tensor] = {}
-    embed = torch.zeros(n, n_pos, d_model, dtype=dtype)
-
-    def add_feature(row: int, la: int, p: int, f: int, a: float) -> None:
-        for w in tcs.target_layers(la):
-            if w < layer:
-                writes.setdefault(w, torch.zeros(n, n_pos, d_model, dtype=dtype))
-                writes[w][row, p] += a * tcs.decoder(la, w)[f]
-
-    for row, i in enumerate(chosen):
-        kind, la, p = int(nodes.kind[i]), int(nodes.layer[i]), int(nodes.pos[i])
-        if kind == FEATURE:
-            add_feature(row, la, p, int(nodes.feature[i]), float(nodes.activation[i]))
-        elif kind == ERROR:
-            writes.setdefault(la, torch.zeros(n, n_pos, d_model, dtype=dtype))
-            writes[la][row, p] += ctx.errors[la][p]
-        else:
-            embed[row, p] = ctx.embeddings[p]
-    if len(graph.excluded):
-        ex = graph.excluded
-        for la, p, f, a in zip(
-            ex.layer.tolist(), ex.pos.tolist(), ex.feature.tolist(), ex.activation.tolist()
-        ):
-            if la < layer:
-                add_feature(n - 1, la, p, f, a)
-    residual = lin.forward_residuals(writes=writes, embed=embed, stop=layer)[layer]
-    bias = _bias_residual(ctx, layer)
-    indices = torch.tensor(chosen + ([EXCLUDED] if len(graph.excluded) else []) + [BIAS])
-    return indices, torch.cat([residual, bias[None]])
 
 
-def _bias_residual(ctx, layer: int) -> Tensor:
-    """``resid_pre(layer)`` of the frozen replacement model with every node zero."""
-    name = f"blocks.{layer}.hook_resid_pre"
-    _, captured = ctx.run_zero_nodes(capture=(name,))
-    return captured[name][0]
-
-
-def _project(
-    ctx, layer: int, head: int, residuals: Tensor, positions: list[int], side: str
-) -> Tensor:
-    """Query (``side="q"``) or key vectors of each component at ``positions``.
-
-    ``residuals``: ``[n, pos, d_model]``, the last row the bias component. Returns
-    ``[n, len(positions), d_head]`` after ln1 (frozen scale), the projection, QK-norm
-    (frozen scale) and rotary, with all constant terms on the bias row.
-    """
-    model = ctx.model
-    block = model.blocks[layer]
-    attn = block.attn
-    cfg = model.cfg
-    y = ctx.linear.blocks[layer].ln1.forward_linear(residuals)  # [n, pos, d_model]
-    ln_bias = getattr(block.ln1, "b", None)
-    if ln_bias is not None:
-        y[-1] = y[-1] + ln_bias.detach()
-    W = (attn.W_Q if side == "q" else attn.W_K)[head].detach()  # [d_model, d_head]
-    b = (attn.b_Q if side == "q" else attn.b_K)[head].detach()
-    vec = y @ W  # [n, pos, d_head]
-    vec[-1] = vec[-1] + b
-    n_heads = cfg.n_heads
-    group = n_heads // (cfg.n_key_value_heads or n_heads)
-    head_index, n_side_heads = (head, n_heads) if side == "q" else (head // group, n_heads // group)
-    if cfg.use_qk_norm:
-        norm = attn.q_norm if side == "q" else attn.k_norm
-        scale = ctx.frozen[f"blocks.{layer}.attn.{side}_norm.hook_scale"]
-        scale = scale.reshape(ctx.n_pos, n_side_heads)[:, head_index]  # [pos]
-        vec = vec / scale[None, :, None] * norm.w.detach()
-    if cfg.positional_embedding_type == "rotary":
-        vec = attn.apply_rotary(vec[:, :, None, :])[:, :, 0, :]
-    return vec[:, positions]
+def _clean_pattern(basis: QKBasis, head: int, query_pos: int, keys: list[int]) -> Tensor:
+    """The head's clean attention probabilities ``[len(keys)]`` on ``keys``."""
+    return basis.clean_pattern[head, query_pos, keys]
