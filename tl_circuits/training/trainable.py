@@ -106,7 +106,8 @@ class TrainableTranscoder(nn.Module):
         y = y_raw * self.scale_out[:, None, None]
         self.b_dec.copy_(y.mean(1))
         for i, W_dec in enumerate(self.W_dec):
-            directions = torch.randn(W_dec.shape, generator=generator, device=W_dec.device)
+            # drawn on the CPU (the generator's device), so the draw is the same on any device
+            directions = torch.randn(W_dec.shape, generator=generator).to(W_dec.device)
             directions = directions / directions.norm(dim=-1, keepdim=True)
             W_dec.copy_(directions * self.cfg.init_decoder_norm)
             self.W_enc[i].copy_(directions[:, 0, :].T)
@@ -157,7 +158,8 @@ class TrainableTranscoder(nn.Module):
     def losses(
         self, x: Tensor, y: Tensor, sparsity_coefficient: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(total, reconstruction, sparsity, acts)`` on normalised ``x, y [L, B, d]``.
+        """``(total loss, reconstruction loss, acts [L, B, F], squared error [L, B])`` on
+        normalised ``x, y [L, B, d]``; the squared error ``|y_hat - y|^2`` per token.
 
         Reconstruction: per target layer, ``relative_mse`` = mean over tokens of
         ``|err|^2 / (|y|^2 + relative_mse_floor * d)``, or ``mse`` = mean of
@@ -177,4 +179,4 @@ class TrainableTranscoder(nn.Module):
         if self.log_threshold is not None:
             weighted = torch.tanh(self.cfg.sparsity_tanh_scale * weighted)
         sparsity = sparsity_coefficient * weighted.sum(-1).mean(-1).sum()
-        return reconstruction + sparsity, reconstruction, sparsity, acts
+        return reconstruction + sparsity, reconstruction, acts, err

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from sae_lens.saes.transcoder import Transcoder
@@ -39,6 +40,7 @@ from tl_circuits.training.config import (
     CheckpointError,
     TrainingConfig,
     TrainingConfigError,
+    TrainingDataError,
     select_device,
 )
 from tl_circuits.training.evaluate import TrainingReport, evaluate_transcoders
@@ -86,20 +88,32 @@ def sparsity_coefficient(cfg: TrainingConfig, tokens_seen: int) -> float:
     return cfg.sparsity_coefficient * min(1.0, ramp)
 
 
-def _batch_stats(x: Tensor, y: Tensor, module: TrainableTranscoder, acts: Tensor) -> dict:
-    """Per-layer FVU and L0 of one batch (normalised units), as lists of floats."""
-    with torch.no_grad():
-        recon = module.decode(acts, x)
-        err = (recon - y).pow(2).sum((1, 2))
-        var = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-30)
-        l0 = (acts > 0).float().sum(-1).mean(-1)
-    return {"fvu": (err / var).tolist(), "l0": l0.tolist()}
+class RunningStats:
+    """Exponential moving averages (decay ``EMA_DECAY``) of the per-layer batch FVU and L0,
+    and the last batch's losses, kept as tensors on the training device (no per-step
+    synchronisation); :meth:`to_dict` gives floats."""
 
+    def __init__(self, saved: dict[str, Any] | None, device: torch.device) -> None:
+        saved = saved or {}
+        self.values: dict[str, Tensor] = {
+            k: torch.tensor(v, device=device) for k, v in saved.items() if v is not None
+        }
 
-def _ema(old: list[float] | None, new: list[float]) -> list[float]:
-    if old is None:
-        return new
-    return [EMA_DECAY * o + (1 - EMA_DECAY) * n for o, n in zip(old, new, strict=True)]
+    def update(self, y: Tensor, sq_err: Tensor, acts: Tensor, loss: Tensor, recon: Tensor) -> None:
+        """One batch: ``y [L, B, d]``, ``sq_err [L, B]``, ``acts [L, B, F]`` (normalised)."""
+        with torch.no_grad():
+            var = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-30)
+            new = {"fvu": sq_err.sum(1) / var, "l0": (acts > 0).float().sum(-1).mean(-1)}
+            for key, value in new.items():
+                old = self.values.get(key)
+                self.values[key] = (
+                    value if old is None else EMA_DECAY * old + (1 - EMA_DECAY) * value
+                )
+            self.values["loss"] = loss.detach()
+            self.values["reconstruction_loss"] = recon.detach()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.tolist() for k, v in self.values.items()}
 
 
 def _eval_tokens(source: TokenSource) -> Chunk | None:
@@ -162,7 +176,7 @@ def train_transcoders(
         total=cfg.n_tokens, initial=min(state.tokens_seen, cfg.n_tokens), unit="tok",
         unit_scale=True, desc=f"training {cfg.kind} transcoders", disable=not progress,
     )  # fmt: skip
-    stats = state.stats or {}
+    stats = RunningStats(state.stats, device)
     started = time.perf_counter() - state.seconds
     next_checkpoint = _next_multiple(state.tokens_seen, cfg.checkpoint_every_tokens)
     while state.tokens_seen < cfg.n_tokens:
@@ -181,7 +195,7 @@ def train_transcoders(
         x, y = module.normalise(x_raw, y_raw)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, state.tokens_seen)
-        loss, recon_loss, _, acts = module.losses(
+        loss, recon_loss, acts, sq_err = module.losses(
             x, y, sparsity_coefficient(cfg, state.tokens_seen)
         )
         optimizer.zero_grad(set_to_none=True)
@@ -193,32 +207,32 @@ def train_transcoders(
         state.position = position
         fired = (acts > 0).any(1)
         last_fired[fired] = state.tokens_seen
-        batch = _batch_stats(x, y, module, acts.detach())
-        stats["fvu"] = _ema(stats.get("fvu"), batch["fvu"])
-        stats["l0"] = _ema(stats.get("l0"), batch["l0"])
-        stats["loss"] = float(loss.detach())
-        stats["reconstruction_loss"] = float(recon_loss.detach())
+        stats.update(y, sq_err, acts, loss, recon_loss)
         bar.update(min(x.shape[1], cfg.n_tokens - bar.n))
         if state.step % 10 == 0 or state.tokens_seen >= cfg.n_tokens:
             dead = _dead_fraction(last_fired, state.tokens_seen, cfg.dead_after_tokens)
+            shown = stats.to_dict()
             bar.set_postfix(
-                loss=f"{stats['loss']:.4f}",
-                fvu=f"{sum(stats['fvu']) / len(layers):.3f}",
-                l0=f"{sum(stats['l0']) / len(layers):.1f}",
+                loss=f"{shown['loss']:.4f}",
+                fvu=f"{sum(shown['fvu']) / len(layers):.3f}",
+                l0=f"{sum(shown['l0']) / len(layers):.1f}",
                 dead=f"{sum(dead) / len(layers):.2f}",
             )
         if root is not None and next_checkpoint and state.tokens_seen >= next_checkpoint:
             state.seconds = time.perf_counter() - started
-            state.stats = stats
+            state.stats = stats.to_dict()
             save_checkpoint(root, cfg, layers, module, optimizer, last_fired, state)
             next_checkpoint = _next_multiple(state.tokens_seen, cfg.checkpoint_every_tokens)
     bar.close()
+    if not initialised:
+        raise TrainingDataError(
+            "the token stream yielded no activations (empty, or every position masked); "
+            "nothing was trained"
+        )
     state.seconds = time.perf_counter() - started
-    state.stats = stats
+    state.stats = stats.to_dict()
     if root is not None and cfg.checkpoint_every_tokens:
         save_checkpoint(root, cfg, layers, module, optimizer, last_fired, state)
-    if not initialised:
-        raise CheckpointError("the token stream yielded no activations; nothing was trained")
     return _finish(model, module, cfg, layers, source, state, last_fired, root, eval_tokens,
                    eval_loss_mask, progress)  # fmt: skip
 
