@@ -201,8 +201,11 @@ class QKBasis:
         attn = block.attn
         pos = torch.as_tensor(list(positions), dtype=torch.long)
         resid = self.contributions(rows, positions)  # [n, P, d_model]
-        ln1: FrozenNorm = _frozen_norm(block.ln1, self.frozen["ln1"][pos])
-        y = ln1.forward_linear(resid)
+        if "ln1" in self.frozen:
+            ln1: FrozenNorm = _frozen_norm(block.ln1, self.frozen["ln1"][pos])
+            y = ln1.forward_linear(resid)
+        else:  # no normalisation (normalization_type=None)
+            y = resid.clone()
         is_bias = rows == len(self.table) - 1
         ln_bias = getattr(block.ln1, "b", None)
         if ln_bias is not None:
@@ -258,9 +261,11 @@ def _frozen_scales(captured: dict[str, Tensor], model: HookedTransformer, layer:
     """The projection's frozen scales from captured hook values (batch dim 1)."""
     cfg = model.cfg
     prefix = f"blocks.{layer}."
-    n_pos = captured[prefix + "ln1.hook_scale"].shape[1]
-    out = {"ln1": captured[prefix + "ln1.hook_scale"][0]}
+    out = {}
+    if prefix + "ln1.hook_scale" in captured:
+        out["ln1"] = captured[prefix + "ln1.hook_scale"][0]
     if cfg.use_qk_norm:
+        n_pos = captured[prefix + "attn.q_norm.hook_scale"].shape[0] // cfg.n_heads
         n_kv = cfg.n_key_value_heads or cfg.n_heads
         out["q_norm"] = captured[prefix + "attn.q_norm.hook_scale"].reshape(n_pos, cfg.n_heads)
         out["k_norm"] = captured[prefix + "attn.k_norm.hook_scale"].reshape(n_pos, n_kv)
@@ -270,7 +275,7 @@ def _frozen_scales(captured: dict[str, Tensor], model: HookedTransformer, layer:
 def scale_hook_names(model: HookedTransformer, layer: int) -> tuple[str, ...]:
     """Hooks holding the scales the projection of ``layer`` freezes."""
     prefix = f"blocks.{layer}."
-    names = [prefix + "ln1.hook_scale"]
+    names = [] if model.cfg.normalization_type is None else [prefix + "ln1.hook_scale"]
     if model.cfg.use_qk_norm:
         names += [prefix + "attn.q_norm.hook_scale", prefix + "attn.k_norm.hook_scale"]
     return tuple(names)
@@ -485,7 +490,9 @@ def _components_basis(model: HookedTransformer, tokens: Tensor, layer: int) -> Q
         names.append("hook_pos_embed")
     post = [hasattr(model.blocks[m], "ln1_post") for m in range(layer)]
     for m in range(layer):
-        names += [f"blocks.{m}.attn.hook_z", f"blocks.{m}.hook_mlp_out"]
+        names.append(f"blocks.{m}.attn.hook_z")
+        if not cfg.attn_only:
+            names.append(f"blocks.{m}.hook_mlp_out")
         if post[m]:
             names.append(f"blocks.{m}.ln1_post.hook_scale")
     captured = _capture(model, tokens, names)
@@ -510,8 +517,9 @@ def _components_basis(model: HookedTransformer, tokens: Tensor, layer: int) -> Q
         bias = bias + b_O
         values += list(heads)
         rows += [("head", m, -1, h, f"L{m}H{h}") for h in range(cfg.n_heads)]
-        values.append(captured[f"blocks.{m}.hook_mlp_out"][0])
-        rows.append(("mlp", m, -1, -1, f"MLP{m}"))
+        if not cfg.attn_only:
+            values.append(captured[f"blocks.{m}.hook_mlp_out"][0])
+            rows.append(("mlp", m, -1, -1, f"MLP{m}"))
     values.append(bias)
     rows.append(("bias", -1, -1, -1, "biases (b_O, post-norm biases)"))
     stacked = torch.stack(values).to(dtype)  # [n, pos, d_model]
