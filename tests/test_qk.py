@@ -144,14 +144,23 @@ def test_q1_components_basis(family: str) -> None:
     assert qk.basis == "components" and qk.label(BIAS).startswith("biases")
 
 
-def test_q1_budgeted_graph_has_excluded_component() -> None:
+def test_q1_budgeted_and_pruned_graphs_have_excluded_component() -> None:
     full = _graph("llama", "jumprelu_skip")
     budget = full.nodes.count("feature") // 4
     graph = _graph("llama", "jumprelu_skip", max_feature_nodes=budget)
     qk = QKAttribution.compute(graph, layer=2, head=1, query_pos=QUERY)
     assert EXCLUDED in qk.q_components.tolist()
-    assert qk.label(EXCLUDED).startswith("features left out")
-    check_q1(qk, graph.context.model, attn_cache(graph.context.model, graph.tokens))
+    assert qk.label(EXCLUDED).startswith("nodes left out")
+    cache = attn_cache(graph.context.model, graph.tokens)
+    check_q1(qk, graph.context.model, cache)
+    # a pruned graph: what pruning removed (features, errors, tokens) joins EXCLUDED
+    pruned = full.prune(node_threshold=0.5, edge_threshold=0.9)
+    assert len(pruned.nodes) < len(full.nodes) and len(pruned.excluded) == 0
+    qk = QKAttribution.compute(pruned, layer=2, head=1, query_pos=QUERY)
+    assert EXCLUDED in qk.q_components.tolist()
+    check_q1(qk, graph.context.model, cache)
+    full_qk = QKAttribution.compute(full, layer=2, head=1, query_pos=QUERY)
+    assert EXCLUDED not in full_qk.q_components.tolist()  # nothing left out
 
 
 def test_views() -> None:

@@ -305,10 +305,10 @@ def _graph_basis(graph: AttributionGraph, layer: int) -> QKBasis:
     kind, node_layer, node_pos = nodes.kind, nodes.layer, nodes.pos
     eligible = ((kind == FEATURE) | (kind == ERROR)) & (node_layer < layer) | (kind == TOKEN)
     live = eligible.nonzero()[:, 0]
-    has_excluded = bool(len(graph.excluded)) and bool((graph.excluded.layer < layer).any())
-    special = torch.tensor(([n_nodes] if has_excluded else []) + [n_nodes + 1])
+    left_out = _left_out(graph, layer)
+    special = torch.tensor(([n_nodes] if left_out else []) + [n_nodes + 1])
     rows = torch.cat([live, special])
-    residual = _graph_residuals(graph, layer, live, has_excluded)  # [len(rows), pos, d]
+    residual = _graph_residuals(graph, layer, live, left_out)  # [len(rows), pos, d]
     slot = torch.full((n_nodes + 2,), -1, dtype=torch.long)
     slot[rows] = torch.arange(len(rows))
     table_rows = [
@@ -322,7 +322,7 @@ def _graph_basis(graph: AttributionGraph, layer: int) -> QKBasis:
         for i in range(n_nodes)
     ]
     table_rows += [
-        ("excluded", -1, -1, -1, "features left out by the budget"),
+        ("excluded", -1, -1, -1, "nodes left out of the graph (budget or pruning)"),
         ("bias", -1, -1, -1, "bias (all constants of the model)"),
     ]
     pos_of_row = torch.cat([node_pos, torch.tensor([-1, -1])])
@@ -350,34 +350,59 @@ def _graph_basis(graph: AttributionGraph, layer: int) -> QKBasis:
     )
 
 
+Item = tuple[str, int, int, int, float]  # (kind, layer, pos, feature, activation)
+
+
+def _left_out(graph: AttributionGraph, layer: int) -> list[Item]:
+    """Everything writing below ``layer`` that is not a node of ``graph``: the active
+    features a budget left out or pruning removed, and pruned errors and tokens."""
+    ctx = graph.context
+    assert ctx is not None
+    nodes = graph.nodes
+    present = {
+        (int(k), int(la), int(p), int(f))
+        for k, la, p, f in zip(
+            nodes.kind.tolist(), nodes.layer.tolist(), nodes.pos.tolist(), nodes.feature.tolist()
+        )
+    }
+    out: list[Item] = []
+    active = ctx.active_features()
+    for la, p, f, a in zip(
+        active.layer.tolist(),
+        active.pos.tolist(),
+        active.feature.tolist(),
+        active.activation.tolist(),
+    ):
+        if la < layer and (FEATURE, la, p, f) not in present:
+            out.append(("feature", la, p, f, a))
+    for p in range(ctx.n_pos):
+        if (TOKEN, -1, p, -1) not in present:
+            out.append(("token", -1, p, -1, 0.0))
+        for la in range(layer):
+            if (ERROR, la, p, -1) not in present:
+                out.append(("error", la, p, -1, 0.0))
+    return out
+
+
 def _graph_residuals(
-    graph: AttributionGraph, layer: int, live: Tensor, has_excluded: bool
+    graph: AttributionGraph, layer: int, live: Tensor, left_out: list[Item]
 ) -> Tensor:
-    """Contributions ``[len(live) + has_excluded + 1, pos, d_model]`` to ``resid_pre(layer)``
-    of the ``live`` nodes, the excluded features and the bias (last), propagated in chunks
-    of :data:`CHUNK` nodes by :meth:`FrozenLinearModel.forward_residuals`."""
+    """Contributions ``[len(live) + bool(left_out) + 1, pos, d_model]`` to
+    ``resid_pre(layer)`` of the ``live`` nodes, the ``left_out`` ones together, and the bias
+    (last), propagated in chunks of :data:`CHUNK` rows by
+    :meth:`FrozenLinearModel.forward_residuals`."""
     ctx = graph.context
     assert ctx is not None
     tcs, nodes = ctx.transcoders, graph.nodes
     n_pos, d_model = ctx.n_pos, ctx.model.cfg.d_model
     dtype = ctx.embeddings.dtype
-    Item = tuple[str, int, int, int, float]  # (kind, layer, pos, feature, activation)
     items: list[list[Item]] = []
     for i in live.tolist():
         k, la, p = int(nodes.kind[i]), int(nodes.layer[i]), int(nodes.pos[i])
         kind = ("feature", "error", "token")[k]
         items.append([(kind, la, p, int(nodes.feature[i]), float(nodes.activation[i]))])
-    if has_excluded:
-        ex = graph.excluded
-        items.append(
-            [
-                ("feature", la, p, f, a)
-                for la, p, f, a in zip(
-                    ex.layer.tolist(), ex.pos.tolist(), ex.feature.tolist(), ex.activation.tolist()
-                )
-                if la < layer
-            ]
-        )
+    if left_out:
+        items.append(left_out)
     out = torch.empty(len(items) + 1, n_pos, d_model, dtype=dtype)
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
