@@ -21,6 +21,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from tl_circuits.errors import HookError
 from tl_circuits.model_hooks import SUPPORTED_OUTPUT_HOOK
 from tl_circuits.training.config import TrainingDataError
 
@@ -215,6 +216,12 @@ class ActivationStream:
             self.in_hooks + self.out_hooks,
             stop_at_layer=max(self.layers) + 1,
         )
+        missing = [name for name in self.in_hooks + self.out_hooks if name not in cache]
+        if missing:
+            raise HookError(
+                f"hooks {missing} did not fire on a forward pass (does the model have them? "
+                "'hook_mlp_in' needs model.set_use_hook_mlp_in(True))"
+            )
         flat_mask = mask.reshape(-1).to(self.model.cfg.device)
 
         def rows(names: list[str]) -> Tensor:
