@@ -494,6 +494,7 @@ def export_json(
     qparams: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     top_heads: int = 3,
+    qk_top_terms: int = 0,
     indent: int | None = None,
 ) -> dict[str, Any]:
     """The attribution-graph JSON of the circuit-tracer / Neuronpedia frontend.
@@ -536,6 +537,30 @@ def export_json(
             ...
           },
         }
+
+    ``json["extra"]["tl_circuits"]["qk"]`` is ``null`` unless ``qk_top_terms > 0``, which
+    needs head loadings and the graph's replacement context (a graph loaded from disk has
+    none: rebuild it; both are refused with :class:`~tl_circuits.errors.TLCircuitsError`).
+    Then, for each link's listed heads, the head's QK attribution (graph-node basis,
+    :class:`~tl_circuits.qk.QKAttribution`) at query position = the target's position and
+    key position = the source's::
+
+        {
+          "top_terms": k, "basis": "graph",
+          "pairs": {
+            "L{m}H{h}@{query_pos}:{key_pos}": {
+              "layer": m, "head": h, "query_pos": q, "key_pos": p,
+              "score": float,              # the pre-soft-cap score (sum of all terms)
+              "soft_capped": bool,         # the model caps it with tanh afterwards
+              "remainder": float,          # score minus the listed terms
+              "terms": [{"value": float, "query": id, "key": id}, ...],  # top |value|
+            }, ...
+          },
+          "links": {"{source node_id}->{target node_id}": ["L{m}H{h}@q:p", ...]},
+        }
+
+    Component ids are node ids as in ``json["nodes"]``, or ``"bias"`` (all constants) and
+    ``"excluded"`` (nodes a budget or pruning left out).
 
     ``heads``: up to ``k`` heads of crossed layers, largest ``|loading|`` first
     (:meth:`HeadLoadings.top_heads`); ``bypass``: the crossed layer whose bypass (the part
@@ -614,6 +639,10 @@ def export_json(
         block["head_loadings"] = _head_loadings_block(
             graph, [node["node_id"] for node in nodes], top_heads
         )
+    if qk_top_terms:
+        from tl_circuits.qk_export import qk_block
+
+        block["qk"] = qk_block(graph, [node["node_id"] for node in nodes], top_heads, qk_top_terms)
     block.update(extra or {})
     result = {
         "metadata": metadata,
