@@ -1,0 +1,125 @@
+"""Benchmark: QK attributions for all heads of one layer on the benchmark model.
+
+Model and transcoders: those of ``bench_graph.py`` (random GPT-2-small-shaped model, random
+JumpReLU transcoders, d_sae 8192, ~64 active features per layer and position, calibrated
+at the traced length). A budgeted graph (default 4,096 features) is built on a 64-token
+prompt (not timed here: see ``bench_graph.py``); then, at ``--layer`` (default the last,
+where the most nodes write below):
+
+- ``graph basis``: propagating every node to ``resid_pre(layer)`` (``QKBasis.from_graph``,
+  once per layer);
+- ``all heads``: ``QKAttribution.from_basis`` for every head at the last query position and
+  every key (0..63), plus its top-10 terms per key and the sparse top-10 + remainder form;
+- the same for the dictionary-free components basis (no graph needed).
+
+Time and memory per step as in ``bench_graph.measure`` (wall seconds; peak RSS minus RSS
+before). Results go to ``benchmarks/results/qk.json``.
+
+Usage::
+
+    python benchmarks/bench_qk.py                   # 64 tokens, budget 4096, last layer
+    python benchmarks/bench_qk.py --tokens 32 --budget 1024 --layer 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_graph import gpt2_small_random, measure, random_prompt
+
+from tl_circuits.graph import AttributionGraph
+from tl_circuits.qk import QKAttribution, QKBasis
+from tl_circuits.testing import random_transcoders
+
+RESULTS = Path(__file__).resolve().parent / "results" / "qk.json"
+
+
+def all_heads(basis: QKBasis, query: int) -> int:
+    """Attributions of every head at ``query`` (all keys), with the per-key views; returns
+    the number of terms represented."""
+    n_terms = 0
+    for head in range(basis.model.cfg.n_heads):
+        qk = QKAttribution.from_basis(basis, head=head, query_pos=query)
+        for key in range(len(qk.key_pos)):
+            qk.top_terms(key, 10)
+        qk.sparse_terms(10)
+        n_terms += len(qk.key_pos) * len(qk.q_components) * len(qk.k_components)
+    return n_terms
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--budget", type=int, default=4096)
+    ap.add_argument("--layer", type=int, default=-1, help="default: the last layer")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = gpt2_small_random(args.seed)
+    tcs = random_transcoders(
+        model,
+        "jumprelu",
+        d_sae=8192,
+        active_fraction=64 / 8192,
+        seed=args.seed,
+        calibration_positions=args.tokens,
+    )
+    tokens = random_prompt(args.tokens)
+    layer = args.layer % model.cfg.n_layers
+    print(f"model + transcoders in {time.perf_counter() - t0:.1f}s", flush=True)
+    t0 = time.perf_counter()
+    graph = AttributionGraph.build(model, tcs, tokens, max_feature_nodes=args.budget)
+    build_s = time.perf_counter() - t0
+    print(f"graph ({len(graph.nodes)} nodes) in {build_s:.1f}s", flush=True)
+    query = args.tokens - 1
+    steps = {}
+    basis, steps["graph_basis"] = measure(QKBasis.from_graph, graph, layer)
+    n_terms, steps["graph_all_heads"] = measure(all_heads, basis, query)
+    steps["graph_all_heads"]["terms"] = n_terms
+    steps["graph_basis"]["components"] = len(basis.live_rows([query]))
+    del basis
+    comp, steps["components_basis"] = measure(QKBasis.from_components, model, tokens, layer)
+    n_terms, steps["components_all_heads"] = measure(all_heads, comp, query)
+    steps["components_all_heads"]["terms"] = n_terms
+    steps["components_basis"]["components"] = len(comp.table)
+    for name, step in steps.items():
+        print(
+            f"{name:22s} {step['seconds']:8.2f} s  {step['build_memory_bytes'] / 2**20:8.0f} MiB",
+            flush=True,
+        )
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "tokens": args.tokens,
+        "budget": args.budget,
+        "layer": layer,
+        "heads": model.cfg.n_heads,
+        "graph_nodes": len(graph.nodes),
+        "graph_build_seconds": build_s,
+        "steps": steps,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
