@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from tl_circuits.errors import TLCircuitsError
+from tl_circuits.graph.context import graph_context
 from tl_circuits.graph.nodes import ERROR, FEATURE, KINDS, TARGET, TOKEN
 from tl_circuits.linear import FrozenLinearModel
 from tl_circuits.typing import Bool, Float, Int, typechecked
@@ -158,7 +159,7 @@ class HeadLoadings:
                 raise HeadLoadingError(f"{name} must be a positive integer, got {value!r}")
         if memory_bytes is None:
             memory_bytes = min(4 * 2**30, psutil.virtual_memory().available // 2)
-        ctx = _context(graph, model, transcoders)
+        ctx = graph_context(graph, model, transcoders, error=HeadLoadingError)
         edge_index = _edge_list(graph, edges)
         with torch.no_grad():
             return _compute(
@@ -219,76 +220,7 @@ class HeadLoadings:
         """Sum over edges of ``|loading|`` per head: which heads matter for this prompt."""
         return self.loadings.abs().sum(0)
 
-
-# ---- inputs ---------------------------------------------------------------------------------
-
-
-def _context(
-    graph: AttributionGraph,
-    model: HookedTransformer | None,
-    transcoders: Transcoders | None,
-) -> ReplacementContext:
-    ctx = graph.context
-    if ctx is not None:
-        if model is not None and model is not ctx.model:
-            raise HeadLoadingError(
-                "the graph was built on a different model than the one passed; pass the "
-                "graph's own model (or none)"
-            )
-        if transcoders is not None and transcoders is not ctx.transcoders:
-            raise HeadLoadingError(
-                "the graph was built with different transcoders than the ones passed"
-            )
-        return ctx
-    if model is None or transcoders is None:
-        raise HeadLoadingError(
-            "this graph has no replacement context (graphs loaded from disk do not keep "
-            "one); rebuild it with AttributionGraph.build, or pass the model and "
-            "transcoders it was built with: HeadLoadings.compute(graph, model=..., "
-            "transcoders=...)"
-        )
-    from tl_circuits.replacement import ReplacementContext
-
-    info, cfg = graph.info, model.cfg
-    for key, have in (
-        ("n_layers", cfg.n_layers),
-        ("n_heads", cfg.n_heads),
-        ("d_model", cfg.d_model),
-        ("d_vocab", cfg.d_vocab),
-        ("model_name", cfg.model_name),
-    ):
-        if key in info and info[key] != have:
-            raise HeadLoadingError(
-                f"the graph was built on a different model ({key}={info[key]!r}, the model "
-                f"passed has {have!r})"
-            )
-    if "transcoders" in info and info["transcoders"] != type(transcoders).__name__:
-        raise HeadLoadingError(
-            f"the graph was built with {info['transcoders']}, got {type(transcoders).__name__}"
-        )
-    ctx = ReplacementContext(model, transcoders, graph.tokens.to(model.cfg.device))
-    # fingerprint: the graph's token, error and feature node values must be this model's
-    nodes = graph.nodes
-    kind, pos = nodes.kind.cpu(), nodes.pos.cpu()
-    recorded = nodes.activation.cpu().double()
-    redo = torch.zeros_like(recorded)
-    tok = (kind == TOKEN).nonzero(as_tuple=True)[0]
-    redo[tok] = ctx.embeddings.norm(dim=-1).cpu().double()[pos[tok]]
-    for layer in range(ctx.n_layers):
-        err = ((kind == ERROR) & (nodes.layer.cpu() == layer)).nonzero(as_tuple=True)[0]
-        redo[err] = ctx.errors[layer].norm(dim=-1).cpu().double()[pos[err]]
-        fs = ((kind == FEATURE) & (nodes.layer.cpu() == layer)).nonzero(as_tuple=True)[0]
-        acts = ctx.activations[layer].cpu().double()
-        redo[fs] = acts[pos[fs], nodes.feature.cpu()[fs]]
-    check = torch.cat([tok, (kind == ERROR).nonzero(as_tuple=True)[0]])
-    check = torch.cat([check, (kind == FEATURE).nonzero(as_tuple=True)[0]])
-    scale = recorded[check].abs().max().clamp_min(1e-30) if len(check) else 1.0
-    if len(check) and not bool(((redo[check] - recorded[check]).abs() <= 1e-4 * scale).all()):
-        raise HeadLoadingError(
-            "the graph was built on a different model or different transcoders than the ones "
-            "passed: its token, error and feature values do not match them"
-        )
-    return ctx
+    # ---- inputs ---------------------------------------------------------------------------------
 
 
 def _edge_list(graph: AttributionGraph, edges: Tensor | Sequence[Sequence[int]] | None) -> Tensor:

@@ -1,0 +1,216 @@
+"""A static picture of an attribution graph (SVG / PNG, via matplotlib).
+
+Layout: token positions are columns (labelled with the prompt's tokens), rows are, from
+the bottom, the embeddings, each transcoder layer's features and errors, and the targets
+(logits) on top. Nodes sharing a (row, position) cell are spread side by side. Edges are
+straight lines from source to target, coloured by sign (blue positive, red negative) with
+width and opacity proportional to ``|A[t, s]|`` relative to the largest edge drawn. When
+the graph carries head loadings, the strongest cross-position edges are labelled with the
+attention heads that carried them (``L1H3``), largest loading first.
+
+The picture is meant for a pruned graph (tens to a few hundred nodes); ``max_edges``
+bounds what is drawn for larger ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, works without a display
+
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
+
+from tl_circuits.errors import TLCircuitsError
+from tl_circuits.graph.nodes import ERROR, FEATURE, TARGET, TOKEN
+
+if TYPE_CHECKING:
+    from tl_circuits.graph.graph import AttributionGraph
+
+POSITIVE, NEGATIVE = "#2b6cb0", "#c53030"
+_MARKERS = {FEATURE: "o", ERROR: "s", TOKEN: "s", TARGET: "D"}
+_COLORS = {FEATURE: "#f6ad55", ERROR: "#a0aec0", TOKEN: "#68d391", TARGET: "#b794f4"}
+CELL_SPREAD = 0.8  #: fraction of a column the nodes of one cell spread over
+
+
+def node_coordinates(graph: AttributionGraph) -> torch.Tensor:
+    """``[n_nodes, 2]`` (x, y) positions: x = token position (plus a within-cell offset),
+    y = 0 for tokens, ``layer + 1`` for features and errors, ``n_layers + 1`` for
+    targets."""
+    nodes = graph.nodes
+    kind, layer, pos = nodes.kind, nodes.layer, nodes.pos
+    y = torch.where(kind == TOKEN, torch.zeros_like(layer), layer + 1).to(torch.float64)
+    # targets carry layer == n_layers, so they sit on the row above the last layer
+    x = pos.to(torch.float64).clone()
+    cells: dict[tuple[int, int], list[int]] = {}
+    for i, (yy, pp) in enumerate(zip(y.tolist(), pos.tolist())):
+        cells.setdefault((int(yy), int(pp)), []).append(i)
+    for members in cells.values():
+        n = len(members)
+        if n > 1:
+            offsets = torch.linspace(-CELL_SPREAD / 2, CELL_SPREAD / 2, n, dtype=torch.float64)
+            x[members] += offsets
+    return torch.stack([x, y], dim=1)
+
+
+def _edges_to_draw(graph: AttributionGraph, max_edges: int) -> torch.Tensor:
+    """``[n, 2]`` (target, source) of the ``max_edges`` largest ``|A|`` entries."""
+    adjacency = graph.adjacency
+    nonzero = adjacency.nonzero()
+    if nonzero.shape[0] > max_edges:
+        weights = adjacency[nonzero[:, 0], nonzero[:, 1]].abs()
+        nonzero = nonzero[torch.argsort(weights, descending=True)[:max_edges]]
+    return nonzero
+
+
+def _head_labels(graph: AttributionGraph, edges: torch.Tensor, n_label: int) -> dict[int, str]:
+    """Row in ``edges`` -> ``"L1H3 L0H2"`` for the ``n_label`` strongest cross-position
+    edges whose head loadings are known."""
+    loadings = graph.head_loadings
+    if loadings is None or n_label <= 0:
+        return {}
+    pos = graph.nodes.pos
+    known = {(int(t), int(s)): i for i, (t, s) in enumerate(loadings.edges.tolist())}
+    weights = graph.adjacency[edges[:, 0], edges[:, 1]].abs()
+    labels: dict[int, str] = {}
+    for row in torch.argsort(weights, descending=True).tolist():
+        t, s = int(edges[row, 0]), int(edges[row, 1])
+        if pos[t] == pos[s] or (t, s) not in known:
+            continue
+        heads = loadings.top_heads(known[(t, s)], k=2)
+        total = abs(float(graph.adjacency[t, s]))
+        named = [f"L{m}H{h}" for m, h, value in heads if abs(value) >= 0.1 * total]
+        if named:
+            labels[row] = " ".join(named)
+        if len(labels) >= n_label:
+            break
+    return labels
+
+
+def draw_graph(
+    graph: AttributionGraph,
+    *,
+    max_edges: int = 400,
+    label_heads: int = 12,
+    title: str | None = None,
+) -> Figure:
+    """Draw ``graph`` (see the module docstring) and return the matplotlib figure.
+
+    ``max_edges``: draw only the largest ``|A[t, s]|`` edges; ``label_heads``: how many
+    cross-position edges to label with their top heads (needs ``graph.head_loadings``).
+    """
+    if max_edges <= 0:
+        raise TLCircuitsError(f"max_edges must be positive, got {max_edges}")
+    n_pos = len(graph.token_strings)
+    n_rows = int(graph.info.get("n_layers", int(graph.nodes.layer.max()))) + 2
+    xy = node_coordinates(graph)
+    edges = _edges_to_draw(graph, max_edges)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_pos + 2), max(4.0, 1.0 * n_rows + 1.5)))
+
+    if edges.shape[0]:
+        weights = graph.adjacency[edges[:, 0], edges[:, 1]]
+        scale = float(weights.abs().max())
+        labels = _head_labels(graph, edges, label_heads)
+        # weakest first, so strong edges are drawn on top
+        for row in torch.argsort(weights.abs()).tolist():
+            t, s = int(edges[row, 0]), int(edges[row, 1])
+            w = float(weights[row]) / scale
+            (x0, y0), (x1, y1) = xy[s].tolist(), xy[t].tolist()
+            ax.plot(
+                [x0, x1],
+                [y0, y1],
+                color=POSITIVE if w > 0 else NEGATIVE,
+                linewidth=0.4 + 3.0 * abs(w),
+                alpha=0.15 + 0.75 * abs(w),
+                zorder=1,
+            )
+            if row in labels:
+                ax.annotate(
+                    labels[row],
+                    ((x0 + x1) / 2, (y0 + y1) / 2),
+                    fontsize=7,
+                    ha="center",
+                    va="center",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "#718096", "lw": 0.5},
+                    zorder=4,
+                )
+
+    kinds = graph.nodes.kind
+    for kind, marker in _MARKERS.items():
+        members = (kinds == kind).nonzero(as_tuple=True)[0]
+        if members.numel():
+            ax.scatter(
+                xy[members, 0].numpy(),
+                xy[members, 1].numpy(),
+                marker=marker,
+                s=70 if kind != TARGET else 90,
+                c=_COLORS[kind],
+                edgecolors="#2d3748",
+                linewidths=0.6,
+                zorder=3,
+                label=("feature", "error", "token", "target")[kind],
+            )
+    if len(graph.nodes) <= 80:
+        for i in (kinds == FEATURE).nonzero(as_tuple=True)[0].tolist():
+            ax.annotate(
+                str(int(graph.nodes.feature[i])),
+                (float(xy[i, 0]), float(xy[i, 1])),
+                xytext=(0, 7),
+                textcoords="offset points",
+                fontsize=6,
+                ha="center",
+                zorder=5,
+            )
+    for i in (kinds == TARGET).nonzero(as_tuple=True)[0].tolist():
+        ax.annotate(
+            graph.node_label(i).removeprefix("Output "),
+            (float(xy[i, 0]), float(xy[i, 1])),
+            xytext=(2, 8),
+            textcoords="offset points",
+            fontsize=7,
+            rotation=40,
+            ha="left",
+            va="bottom",
+            zorder=5,
+        )
+
+    ax.set_xticks(range(n_pos))
+    ax.set_xticklabels([repr(s)[1:-1] for s in graph.token_strings], rotation=45, ha="right")
+    ax.set_yticks(range(n_rows))
+    ax.set_yticklabels(["emb"] + [f"L{m}" for m in range(n_rows - 2)] + ["out"])
+    ax.set_xlim(-0.7, n_pos - 0.3)
+    ax.set_ylim(-0.6, n_rows + 0.2)
+    ax.grid(axis="y", color="#edf2f7", zorder=0)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    ax.set_title(title or graph.info.get("prompt") or " ".join(graph.token_strings), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_graph_picture(
+    graph: AttributionGraph,
+    path: str | Path,
+    formats: tuple[str, ...] = ("svg", "png"),
+    **options: object,
+) -> list[Path]:
+    """Draw ``graph`` and write ``path`` with each suffix in ``formats``; returns the files.
+    ``options`` go to :func:`draw_graph`."""
+    unknown = set(formats) - {"svg", "png", "pdf"}
+    if unknown:
+        raise TLCircuitsError(f"unsupported picture formats {sorted(unknown)}; use svg, png, pdf")
+    fig = draw_graph(graph, **options)  # type: ignore[arg-type]
+    stem = Path(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        out = stem.with_suffix(f".{fmt}")
+        fig.savefig(out, format=fmt, dpi=150, bbox_inches="tight")
+        written.append(out)
+    plt.close(fig)
+    return written
