@@ -23,6 +23,7 @@ Norm adjoints with frozen scale ``s`` and weight ``w``: RMS ``g * w / s``; Layer
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -90,6 +91,71 @@ class LinearMap(Protocol):
     def forward_linear(self, x: Tensor) -> Tensor: ...
 
 
+def _norm_adjoint_(norm: LinearMap, g: Tensor) -> None:
+    """:meth:`FrozenNorm.adjoint` in place on a position-major ``g`` ``[pos, B, d]``
+    (``pos`` a prefix of the prompt); nothing for the identity."""
+    if isinstance(norm, _Identity):
+        return
+    assert isinstance(norm, FrozenNorm)
+    if norm.weight is not None:
+        g.mul_(norm.weight)
+    g.div_(norm.scale[: g.shape[0], None, :])
+    if norm.centre:
+        g.sub_(g.mean(-1, keepdim=True))
+
+
+@dataclass(frozen=True)
+class SparseSeeds:
+    """Seeds with one vector per row: row ``row[i]`` gets ``vector[i]`` (``[n, d_model]``)
+    at position ``pos[i]``; for rows that read one feature's encoder at one position."""
+
+    row: Tensor  # [n] batch indices
+    pos: Tensor  # [n]
+    vector: Tensor  # [n, d_model]
+
+    def add_to_(self, g: Tensor) -> None:
+        """Add the seeds to a position-major ``g`` ``[pos, B, d_model]``."""
+        g.index_put_((self.pos, self.row), self.vector, accumulate=True)
+
+
+class BackwardWorkspace:
+    """Reusable buffers of :meth:`FrozenLinearModel.backward` for up to ``batch`` rows over
+    up to ``n_pos`` positions: three position-major residual gradients ``[pos, B, d_model]``
+    and two head buffers of ``pos * B * n_heads * d_head`` elements. Allocated once, so a
+    build's row batches reuse the same memory instead of allocating per operation."""
+
+    def __init__(
+        self,
+        model: FrozenLinearModel,
+        batch: int,
+        n_pos: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.batch, self.n_pos, self.d_model = batch, n_pos, model.d_model
+        first = model.blocks[0].W_O
+        self.width = first.shape[0] * first.shape[1]
+        residual = n_pos * batch * model.d_model
+        heads = n_pos * batch * self.width
+        self._residual = [torch.empty(residual, dtype=dtype, device=device) for _ in range(3)]
+        self._heads = [torch.empty(heads, dtype=dtype, device=device) for _ in range(2)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._residual, *self._heads))
+
+    def views(self, batch: int, n_pos: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``g``, ``gx``, ``tmp`` (``[n_pos, batch, d_model]``) and the two head buffers."""
+        if batch > self.batch or n_pos > self.n_pos:
+            raise ValueError(
+                f"workspace holds {self.batch} rows x {self.n_pos} positions, "
+                f"asked for {batch} x {n_pos}"
+            )
+        size = n_pos * batch * self.d_model
+        residual = [t[:size].view(n_pos, batch, self.d_model) for t in self._residual]
+        return residual[0], residual[1], residual[2], self._heads[0], self._heads[1]
+
+
 @dataclass(frozen=True)
 class FrozenBlock:
     """Everything the adjoint needs of one block."""
@@ -104,21 +170,46 @@ class FrozenBlock:
     parallel: bool
 
     def attn_adjoint(self, g: Tensor) -> Tensor:
-        """Gradient on attention's input (before ln1) from ``g`` on its output.
+        """Gradient on attention's input (before ln1) from ``g`` ``[B, pos, d_model]`` on its
+        output (:meth:`attn_adjoint_into` on fresh buffers)."""
+        g_pbd = g.transpose(0, 1).contiguous()
+        n_pos, batch, _ = g_pbd.shape
+        width = n_pos * batch * self.W_O.shape[0] * self.W_O.shape[1]
+        out = torch.empty_like(g_pbd)
+        heads_a, heads_b = g.new_empty(width), g.new_empty(width)
+        self.attn_adjoint_into(g_pbd, out, heads_a, heads_b)
+        return out.transpose(0, 1)
 
-        ``g``: ``[B, pos, d_model]``. The two projections run as single GEMMs over all heads
-        (``[B*pos, d_model] @ [d_model, heads*d_head]`` and back); only the pattern mixing is
-        per head.
+    def attn_adjoint_into(self, g: Tensor, out: Tensor, heads_a: Tensor, heads_b: Tensor) -> None:
+        """``out`` = gradient on attention's input (before ln1) from ``g`` on its output.
+
+        ``g``, ``out``: ``[pos, B, d_model]`` (position-major; ``pos`` may be a prefix of the
+        prompt); ``heads_a``, ``heads_b``: flat work buffers of at least
+        ``pos * B * n_heads * d_head`` elements. ``W_O`` runs as one GEMM over all heads; the
+        pattern mixing is one batched GEMM over heads on a head-major copy
+        (``[heads, q, B * d_head]``); ``W_V`` is applied per head, accumulating into ``out``.
         """
-        g = self.post_attn.adjoint(g)
-        batch, n_pos, d_model = g.shape
+        n_pos, batch, d_model = g.shape
         n_heads, d_head = self.W_O.shape[0], self.W_O.shape[1]
-        gz = g.reshape(batch * n_pos, d_model) @ self.W_O.reshape(n_heads * d_head, d_model).T
-        gz = gz.view(batch, n_pos, n_heads, d_head)
-        gv = torch.einsum("hqk,bqhe->bkhe", self.pattern, gz)  # [B, k, heads, d_head]
-        W_V_flat = self.W_V.permute(0, 2, 1).reshape(n_heads * d_head, d_model)
-        gy = gv.reshape(batch * n_pos, n_heads * d_head) @ W_V_flat
-        return self.ln1.adjoint(gy.view(batch, n_pos, d_model))
+        rows, width = n_pos * batch, n_heads * d_head
+        src = g
+        if not isinstance(self.post_attn, _Identity):
+            out.copy_(g)
+            _norm_adjoint_(self.post_attn, out)
+            src = out
+        gz = heads_a[: rows * width].view(rows, width)
+        torch.mm(src.view(rows, d_model), self.W_O.reshape(width, d_model).T, out=gz)
+        gz_heads = heads_b[: rows * width].view(n_heads, n_pos, batch, d_head)
+        gz_heads.copy_(gz.view(n_pos, batch, n_heads, d_head).permute(2, 0, 1, 3))
+        gv = heads_a[: rows * width].view(n_heads, n_pos, batch * d_head)
+        pattern_t = self.pattern[:, :n_pos, :n_pos].transpose(1, 2)  # [heads, k, q]
+        torch.bmm(pattern_t, gz_heads.view(n_heads, n_pos, batch * d_head), out=gv)
+        out_2d = out.view(rows, d_model)
+        gv_heads = gv.view(n_heads, rows, d_head)
+        torch.mm(gv_heads[0], self.W_V[0].T, out=out_2d)
+        for h in range(1, n_heads):
+            out_2d.addmm_(gv_heads[h], self.W_V[h].T)
+        _norm_adjoint_(self.ln1, out)
 
     def attn_forward(self, x: Tensor, head_mask: Tensor | None = None) -> Tensor:
         """Linear part of attention on ``x`` ``[B, pos, d_model]`` (no biases).
@@ -185,50 +276,81 @@ class FrozenLinearModel:
 
     def backward(
         self,
-        seeds_by_layer: dict[int, Tensor],
+        seeds_by_layer: Mapping[int, Tensor | SparseSeeds],
         final_seed: Tensor | None,
         sink: EdgeSink,
         batch: int,
+        *,
+        n_pos: int | None = None,
+        workspace: BackwardWorkspace | None = None,
     ) -> Tensor:
         """Propagate seeds to the embeddings, reporting each MLP output's gradient.
 
         ``seeds_by_layer[l]``: ``[B, pos, d_model]`` gradient on ``x_in(l)`` (rows whose
-        target reads layer ``l``'s transcoder input); ``final_seed``: ``[B, pos, d_model]``
-        gradient on the final norm's output. ``sink.mlp_out(l, G)`` is called with the
-        gradient on ``mlp_out(l)`` for ``l`` from the top layer down. Returns the gradient
-        on the embeddings (residual stream entering block 0), ``[B, pos, d_model]``.
+        target reads layer ``l``'s transcoder input), or :class:`SparseSeeds` (one vector per
+        row); ``final_seed``: ``[B, pos, d_model]`` gradient on the final norm's output.
+        ``sink.mlp_out(l, G)`` is called with the gradient on ``mlp_out(l)`` for ``l`` from
+        the top layer down. Returns the gradient on the embeddings (residual stream entering
+        block 0), ``[B, pos, d_model]``.
+
+        ``pos`` may be less than the prompt's length (default: the dense seeds' length, else
+        the whole prompt; ``n_pos`` sets it): attention is causal, so positions after the
+        seeds' last one have zero gradient everywhere and are skipped.
+
+        The gradients handed to the sink are views of working buffers, valid only during the
+        call (clone to keep). ``workspace``: buffers to reuse across calls (one batch after
+        another without new allocations); the returned tensor is then a view into it, valid
+        until its next use.
         """
-        like = next(iter(seeds_by_layer.values()), final_seed)
-        assert like is not None, "backward needs at least one seed"
-        g = torch.zeros(batch, self.n_pos, self.d_model, dtype=like.dtype, device=like.device)
+        dense = [s for s in (*seeds_by_layer.values(), final_seed) if isinstance(s, Tensor)]
+        if not dense and not seeds_by_layer:
+            raise ValueError("backward needs at least one seed")
+        if n_pos is None:
+            n_pos = dense[0].shape[1] if dense else self.n_pos
+        if workspace is None:
+            like = dense[0] if dense else next(iter(seeds_by_layer.values())).vector  # type: ignore[union-attr]
+            workspace = BackwardWorkspace(self, batch, n_pos, like.dtype, like.device)
+        g, gx, tmp, heads_a, heads_b = workspace.views(batch, n_pos)
+        g_view = g.transpose(0, 1)  # [B, pos, d_model] for sinks and the caller
         if final_seed is not None:
-            g = g + self.ln_final.adjoint(final_seed)
+            g_view.copy_(final_seed)
+            _norm_adjoint_(self.ln_final, g)
             top = self.n_layers - 1
         else:
+            g.zero_()
             top = max(seeds_by_layer)
         on_attn_out = getattr(sink, "attn_out", None)
         for layer in range(top, -1, -1):
             block = self.blocks[layer]
             if final_seed is not None or layer < top:  # else g is still exactly zero
-                sink.mlp_out(layer, g)
-            gx = g @ block.W_skip if block.W_skip is not None else None
+                sink.mlp_out(layer, g_view)
             seed = seeds_by_layer.get(layer)
-            if seed is not None:
-                gx = seed if gx is None else gx + seed
+            has_gx = block.W_skip is not None or seed is not None
+            if block.W_skip is not None:
+                torch.mm(g.view(-1, self.d_model), block.W_skip, out=gx.view(-1, self.d_model))
+            elif seed is not None:
+                gx.zero_()
+            if isinstance(seed, SparseSeeds):
+                seed.add_to_(gx)
+            elif seed is not None:
+                gx.add_(seed.transpose(0, 1))
+            if has_gx:
+                _norm_adjoint_(block.mlp_in, gx)
             if block.parallel:
                 if on_attn_out is not None:
-                    on_attn_out(layer, g)
-                new = g + block.attn_adjoint(g)
-                if gx is not None:
-                    new = new + block.mlp_in.adjoint(gx)
-                g = new
+                    on_attn_out(layer, g_view)
+                block.attn_adjoint_into(g, tmp, heads_a, heads_b)
+                g.add_(tmp)
+                if has_gx:
+                    g.add_(gx)
             else:
-                if gx is not None:
-                    g = g + block.mlp_in.adjoint(gx)
+                if has_gx:
+                    g.add_(gx)
                 if on_attn_out is not None:
-                    on_attn_out(layer, g)
-                g = g + block.attn_adjoint(g)
-        return g
+                    on_attn_out(layer, g_view)
+                block.attn_adjoint_into(g, tmp, heads_a, heads_b)
+                g.add_(tmp)
+        return g_view
 
     def forward_residuals(
         self,
@@ -312,7 +434,11 @@ class FrozenLinearModel:
         zero = torch.zeros(batch, self.n_pos, self.d_model, dtype=like.dtype, device=like.device)
         recorder = _ResidualRecorder(zero, self.n_layers)
         embed = self.backward(seeds_by_layer, final_seed, recorder, batch)
-        return ResidualGradients(post=recorder.post, attn_out=recorder.attn, embed=embed)
+        return ResidualGradients(
+            post=recorder.post,
+            attn_out=recorder.attn,
+            embed=embed.contiguous(),
+        )
 
 
 class _ResidualRecorder:
@@ -323,10 +449,10 @@ class _ResidualRecorder:
         self.attn = [zero] * n_layers
 
     def mlp_out(self, layer: int, grad: Tensor) -> None:
-        self.post[layer] = grad
+        self.post[layer] = grad.clone(memory_format=torch.contiguous_format)
 
     def attn_out(self, layer: int, grad: Tensor) -> None:
-        self.attn[layer] = grad
+        self.attn[layer] = grad.clone(memory_format=torch.contiguous_format)
 
 
 class EdgeSink(Protocol):

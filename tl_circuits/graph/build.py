@@ -35,66 +35,80 @@ from tl_circuits.graph.nodes import (
     normalized_target_weights,
 )
 from tl_circuits.graph.targets import resolve_targets, target_values
+from tl_circuits.linear import BackwardWorkspace, SparseSeeds
 from tl_circuits.prompt import Prompt
 from tl_circuits.replacement import FeatureTable, ReplacementContext
 from tl_circuits.transcoders.base import Transcoders
 
 
 class FeatureEdgeSink:
-    """Turns MLP-output gradients into edge values for one batch of rows.
+    """Turns MLP-output gradients into edge values for one batch of rows, in place.
 
-    Feature sources are grouped per (source layer, write layer) into activation-scaled
-    decoder rows padded by position, ``[pos, slots, d_model]``, so one ``bmm`` per pair
-    gives every feature's edge for the whole batch.
+    Active features are sorted by (layer, pos, feature), so the columns of the features of
+    source layer ``s`` at position ``p`` form one range ``[c0, c1)``. For each write layer
+    ``l`` and each such range, the decoder rows ``W_dec^(s->l)[f]`` are gathered into a
+    reused buffer and one GEMM ``G_l[:, p] @ W_dec[f].T`` accumulates into the columns; the
+    activations scale the feature columns once per batch (:meth:`finish`). Rows are written
+    into a ``[batch_size, n_cols]`` buffer allocated once.
     """
 
-    def __init__(self, ctx: ReplacementContext, features: FeatureTable, n_cols: int) -> None:
+    def __init__(
+        self, ctx: ReplacementContext, features: FeatureTable, n_cols: int, batch_size: int
+    ) -> None:
         tcs = ctx.transcoders
         self.ctx = ctx
         self.n_cols = n_cols
         self.n_features = len(features)
-        n_pos = ctx.n_pos
-        self.blocks: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
-        for s in range(ctx.n_layers):
-            sel = (features.layer == s).nonzero(as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            pos, feat, act = features.pos[sel], features.feature[sel], features.activation[sel]
-            counts = torch.bincount(pos, minlength=n_pos)
-            slots = int(counts.max())
-            order = torch.argsort(pos * (feat.max() + 1) + feat)  # sorted by pos
-            pos, feat, act, cols = pos[order], feat[order], act[order], sel[order]
-            start = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(len(pos)) - start[pos]
-            flat = pos * slots + slot
+        n_pos, dtype, device = ctx.n_pos, ctx.embeddings.dtype, ctx.embeddings.device
+        self.feature_ids = features.feature
+        self.activation = features.activation.to(dtype)
+        key = features.layer * n_pos + features.pos  # non-decreasing: features are sorted
+        counts = torch.bincount(key, minlength=ctx.n_layers * n_pos)
+        ends = torch.cumsum(counts, 0)
+        # groups[l]: (source layer, pos, c0, c1) of every feature group writing to layer l
+        self.groups: dict[int, list[tuple[int, int, int, int]]] = {}
+        for flat in counts.nonzero(as_tuple=True)[0].tolist():
+            s, pos = divmod(flat, n_pos)
+            c1 = int(ends[flat])
+            c0 = c1 - int(counts[flat])
             for layer in tcs.target_layers(s):
-                dec = tcs.decoder(s, layer)[feat] * act[:, None]  # [n, d_model]
-                padded = dec.new_zeros(n_pos * slots, dec.shape[1])
-                padded[flat] = dec
-                padded = padded.view(n_pos, slots, -1).transpose(1, 2).contiguous()
-                self.blocks.setdefault(layer, []).append((padded, flat, cols))
+                self.groups.setdefault(layer, []).append((s, pos, c0, c1))
+        widest = int(counts.max()) if len(features) else 0
+        d_model = ctx.model.cfg.d_model
+        self.gathered = torch.empty(widest, d_model, dtype=dtype, device=device)
         self.error_cols = [self.n_features + la * n_pos for la in range(ctx.n_layers)]
-        self.edges: Tensor | None = None
+        self.token_col = self.n_features + ctx.n_layers * n_pos
+        self.buffer = torch.empty(batch_size, n_cols, dtype=dtype, device=device)
+        self.edges = self.buffer[:0]
 
-    def start(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.edges = torch.zeros(batch, self.n_cols, dtype=dtype, device=device)
+    def start(self, batch: int) -> None:
+        self.edges = self.buffer[:batch]
+        self.edges.zero_()
 
     def mlp_out(self, layer: int, grad: Tensor) -> None:
-        assert self.edges is not None
-        batch = grad.shape[0]
-        g_by_pos = grad.transpose(0, 1)  # [pos, B, d_model]
-        for padded, flat, cols in self.blocks.get(layer, []):
-            vals = torch.bmm(g_by_pos, padded)  # [pos, B, slots]
-            vals = vals.transpose(0, 1).reshape(batch, -1)[:, flat]
-            self.edges[:, cols] += vals
-        start = self.error_cols[layer]
-        err = self.ctx.errors[layer]
-        self.edges[:, start : start + self.ctx.n_pos] = (grad * err).sum(-1)
+        n_pos = grad.shape[1]
+        decoders = self.ctx.transcoders
+        for s, pos, c0, c1 in self.groups.get(layer, []):
+            if pos >= n_pos:  # the batch's rows end before pos: zero gradient there
+                continue
+            dec = self.gathered[: c1 - c0]
+            torch.index_select(decoders.decoder(s, layer), 0, self.feature_ids[c0:c1], out=dec)
+            self.edges[:, c0:c1].addmm_(grad[:, pos], dec.T)
+        self._dot_per_position(grad, self.ctx.errors[layer], self.error_cols[layer])
 
     def embeddings(self, grad: Tensor) -> None:
-        assert self.edges is not None
-        start = self.n_features + self.ctx.n_layers * self.ctx.n_pos
-        self.edges[:, start : start + self.ctx.n_pos] = (grad * self.ctx.embeddings).sum(-1)
+        self._dot_per_position(grad, self.ctx.embeddings, self.token_col)
+
+    def _dot_per_position(self, grad: Tensor, values: Tensor, col: int) -> None:
+        """``edges[:, col + p] = grad[:, p] · values[p]`` for every position ``p`` of grad."""
+        n_pos = grad.shape[1]
+        dots = torch.bmm(grad.transpose(0, 1), values[:n_pos, :, None])  # [pos, B, 1]
+        self.edges[:, col : col + n_pos].copy_(dots[..., 0].T)
+
+    def finish(self) -> Tensor:
+        """The batch's rows ``[batch, n_cols]`` (a view of the reused buffer)."""
+        self.edges[:, : self.n_features].mul_(self.activation)
+        return self.edges
 
 
 def _zero_node_constants(ctx: ReplacementContext) -> tuple[list[Tensor], Tensor]:
@@ -117,15 +131,16 @@ def estimate_memory_bytes(
 ) -> int:
     """Bytes a build needs beyond the model.
 
-    The row block (``n_rows x n_cols``), one batch's gradients and edges, the padded decoder
-    blocks (bounded by columns x write layers x d_model) and, for a budgeted build, the
-    influence ranking's temporaries and the final adjacency.
+    The row block (``n_rows x n_cols``), one batch's reused buffers (the backward
+    workspace, five ``[pos, batch, d_model]``-sized tensors, and the ``[batch, n_cols]``
+    edge rows) and, for a budgeted build, the influence ranking's temporaries and the final
+    adjacency. Decoder rows are gathered per (layer, position) group into one small buffer
+    and not counted.
     """
     rows = n_rows * n_cols * element_size
-    working = batch * (8 * n_pos * d_model + n_cols) * element_size
-    decoders = n_cols * d_model * element_size * max(1, n_layers // 2)
+    working = batch * (5 * n_pos * d_model + n_cols) * element_size
     extra = 2 * n_rows * n_rows * element_size + 512 * n_cols * element_size if budgeted else 0
-    return rows + working + decoders + extra
+    return rows + working + extra
 
 
 def build_graph(
@@ -188,31 +203,39 @@ def build_graph(
         )
 
     lin = ctx.linear
-    sink = FeatureEdgeSink(ctx, active, n_cols)
+    # the constants' zero-node forward pass runs before the adjacency exists, so its
+    # transients (the unembedding) never coincide with it
+    zero_pres, zero_final = _zero_node_constants(ctx)
+    sink = FeatureEdgeSink(ctx, active, n_cols, max(batch_size, n_tgt))
+    workspace = BackwardWorkspace(lin, max(batch_size, n_tgt), n_pos, dtype, device)
 
     def run_batch(feature_rows: Tensor | None, target_rows: list[Target] | None) -> Tensor:
-        batch = len(feature_rows) if feature_rows is not None else len(target_rows or [])
-        sink.start(batch, dtype, device)
-        seeds: dict[int, Tensor] = {}
+        """Rows of one batch ``[batch, n_cols]``: a view of the sink's reused buffer."""
+        seeds: dict[int, SparseSeeds] = {}
         final_seed = None
-        d_model = ctx.model.cfg.d_model
         if feature_rows is not None:
-            for layer in active.layer[feature_rows].unique().tolist():
-                in_layer = (active.layer[feature_rows] == layer).nonzero(as_tuple=True)[0]
+            batch = len(feature_rows)
+            layers, poss = active.layer[feature_rows], active.pos[feature_rows]
+            n_pos_batch = int(poss.max()) + 1
+            for layer in layers.unique().tolist():
+                in_layer = (layers == layer).nonzero(as_tuple=True)[0]
                 idx = feature_rows[in_layer]
-                seed = torch.zeros(batch, n_pos, d_model, dtype=dtype, device=device)
                 w_enc = transcoders.encoder(layer).W_enc[:, active.feature[idx]].T
-                seed[in_layer, active.pos[idx]] = w_enc
-                seeds[layer] = seed
+                seeds[layer] = SparseSeeds(in_layer, active.pos[idx], w_enc)
         else:
             assert target_rows is not None
-            final_seed = torch.zeros(batch, n_pos, d_model, dtype=dtype, device=device)
+            batch = len(target_rows)
+            n_pos_batch = max(t.pos for t in target_rows) + 1
+            d_model = ctx.model.cfg.d_model
+            final_seed = torch.zeros(batch, n_pos_batch, d_model, dtype=dtype, device=device)
             for i, t in enumerate(target_rows):
                 final_seed[i, t.pos] = t.vector
-        g_embed = lin.backward(seeds, final_seed, sink, batch)
+        sink.start(batch)
+        g_embed = lin.backward(
+            seeds, final_seed, sink, batch, n_pos=n_pos_batch, workspace=workspace
+        )
         sink.embeddings(g_embed)
-        assert sink.edges is not None
-        return sink.edges
+        return sink.finish()
 
     progress = tqdm(
         total=n_tgt + budget,
@@ -253,7 +276,6 @@ def build_graph(
     progress.close()
     n_nodes = adjacency.shape[0]
 
-    zero_pres, zero_final = _zero_node_constants(ctx)
     constants = torch.zeros(n_nodes, dtype=dtype, device=device)
     row_values = torch.zeros(n_nodes, dtype=dtype, device=device)
     layers, poss, feats = active.layer[sel], active.pos[sel], active.feature[sel]
