@@ -208,9 +208,11 @@ def save_graph_picture(
     stem = Path(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt in formats:
-        out = stem.with_suffix(f".{fmt}")
-        fig.savefig(out, format=fmt, dpi=150, bbox_inches="tight")
-        written.append(out)
+    # SVG text as <text> elements (searchable, XML-escaped), not as glyph outlines
+    with plt.rc_context({"svg.fonttype": "none"}):
+        for fmt in formats:
+            out = stem.with_suffix(f".{fmt}")
+            fig.savefig(out, format=fmt, dpi=150, bbox_inches="tight")
+            written.append(out)
     plt.close(fig)
     return written

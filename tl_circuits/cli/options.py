@@ -1,0 +1,70 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tl_circuits.cli.sources import DTYPES, ModelSource, SourceError, load_source, source_from_args
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--transcoders``, ``--sae-id-template``, ``--fold-ln``, ``--device``,
+    ``--dtype``."""
+    group = parser.add_argument_group("model and transcoders (default: the embedded model)")
+    group.add_argument(
+        "--model",
+        help="TransformerLens model name (e.g. gemma-2-2b); default: the embedded default "
+        "model, or the model an SAE-Lens release names",
+    )
+    group.add_argument(
+        "--transcoders",
+        help="'per_layer' or 'cross_layer' for the default model; otherwise a local "
+        "directory (SAE-Lens transcoders, a TranscoderSet or a cross-layer transcoder) or an "
+        "SAE-Lens release name (e.g. gemma-scope-2b-pt-transcoders)",
+    )
+    group.add_argument(
+        "--sae-id-template",
+        help="SAE id of each layer in a release, with {layer} (e.g. 'layer_{layer}'); needed "
+        "when the release has several SAEs per layer",
+    )
+    group.add_argument(
+        "--fold-ln",
+        action="store_true",
+        help="load the model with LayerNorm folded (only if the transcoders were trained so)",
+    )
+    group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    group.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="(default: %(default)s)"
+    )
+
+
+def graph_source(graph_info: dict[str, Any], args: argparse.Namespace) -> ModelSource:
+    """The model source of a saved graph: ``--model``/``--transcoders`` if given, else the
+    record ``trace`` stored in the graph."""
+    if args.model is not None or args.transcoders is not None:
+        return source_from_args(args)
+    record = graph_info.get("source")
+    if record is None:
+        raise SourceError(
+            "this graph does not say which model built it (it was not written by "
+            "`tl-circuits trace`); pass --model and --transcoders"
+        )
+    source = ModelSource.from_json(record)
+    return ModelSource(**{**source.to_json(), "device": args.device, "dtype": args.dtype})
+
+
+def load_graph_dir(path: Path) -> Any:
+    """Load a graph folder written by ``trace`` (``OUT/graph`` or ``OUT/pruned``) or the
+    ``OUT`` folder itself (its pruned graph)."""
+    from tl_circuits.graph import AttributionGraph
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such graph (write one with `tl-circuits trace`)")
+    if (path / "pruned").is_dir():
+        path = path / "pruned"
+    return AttributionGraph.load(path)
+
+
+__all__ = ["add_source_options", "graph_source", "load_graph_dir", "load_source"]

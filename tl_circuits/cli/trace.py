@@ -1,0 +1,176 @@
+"""``tl-circuits trace``: a prompt's attribution graph, pruned graph, JSON and picture."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_circuits.cli.options import add_source_options
+from tl_circuits.cli.sources import DEFAULT, SourceError, load_source, source_from_args
+
+DESCRIPTION = """\
+Trace a prompt: build its attribution graph (DESIGN.md §2) on the replacement model, prune
+it, compute which attention heads carried its strongest edges, and write
+
+  OUT/graph/     the full graph, lossless (safetensors + JSON; AttributionGraph.load)
+  OUT/pruned/    the pruned graph with its head loadings
+  OUT/graph.json the pruned graph in the Neuronpedia / circuit-tracer frontend format
+  OUT/graph.svg, OUT/graph.png  a picture: layers as rows, positions as columns
+
+With no --model it runs on the embedded default model (no network needed) and, with no
+prompt, on its induction prompt (see `tl-circuits info`).
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "trace",
+        help="build, prune and draw a prompt's attribution graph",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompt", nargs="?", help="the prompt (default model: see --example)")
+    p.add_argument(
+        "--example",
+        default=None,
+        help="a named prompt of the default model (`tl-circuits info` lists them); "
+        "default: 'induction'",
+    )
+    add_source_options(p)
+    p.add_argument("--out", type=Path, default=Path("tl_circuits_out"), help="(%(default)s)")
+    p.add_argument(
+        "--max-features",
+        type=int,
+        default=None,
+        help="feature budget: keep the most influential features (default: all active)",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        help="explain this token's logit (repeatable; default: the top logits to p=0.95)",
+    )
+    p.add_argument("--logit-diff", nargs=2, metavar=("A", "B"), help="explain logit(A) - logit(B)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="(%(default)s)")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="(%(default)s)")
+    p.add_argument(
+        "--head-edges",
+        type=int,
+        default=100,
+        help="head loadings for the N strongest edges of the pruned graph (0: none; "
+        "default %(default)s)",
+    )
+    p.add_argument("--no-picture", action="store_true", help="skip the SVG/PNG picture")
+    p.set_defaults(run=run)
+
+
+def resolve_prompt(args: argparse.Namespace, model_name: str) -> str:
+    """The prompt text: the positional prompt, or a named example of the default model."""
+    if args.prompt is not None and args.example is not None:
+        raise SourceError("give a prompt or --example, not both")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise SourceError("the prompt is empty")
+        return args.prompt
+    if model_name != DEFAULT:
+        raise SourceError(f"model {model_name!r}: give a prompt")
+    from tl_circuits.default import DEFAULT_PROMPTS
+
+    name = args.example or "induction"
+    if name not in DEFAULT_PROMPTS:
+        raise SourceError(f"unknown --example {name!r}; choose from {sorted(DEFAULT_PROMPTS)}")
+    return DEFAULT_PROMPTS[name].text
+
+
+def run(args: argparse.Namespace) -> int:
+    from tl_circuits.graph import AttributionGraph
+    from tl_circuits.plot import save_graph_picture
+
+    for name in ("max_features", "head_edges"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "max_features" else 0):
+            raise SourceError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    source = source_from_args(args)
+    prompt = resolve_prompt(args, source.model)
+    print(f"loading {source.describe()} ...")
+    model, transcoders = load_source(source)
+    targets: list[Any] | None = list(args.target) if args.target else None
+    if args.logit_diff:
+        targets = [*(targets or []), tuple(args.logit_diff)]
+    graph = AttributionGraph.build(
+        model, transcoders, prompt, targets=targets, max_feature_nodes=args.max_features
+    )
+    graph.info["source"] = source.to_json()
+    _print_graph(graph)
+
+    pruned = graph.prune(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    if args.head_edges > 0:
+        edges = _strongest_edges(pruned.adjacency, args.head_edges)
+        if edges.shape[0]:
+            pruned.compute_head_loadings(edges)
+    _print_pruned(pruned)
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    written = [graph.save(out / "graph"), pruned.save(out / "pruned")]
+    pruned.to_json(out / "graph.json")
+    written.append(out / "graph.json")
+    if not args.no_picture:
+        written += save_graph_picture(pruned, out / "graph")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _strongest_edges(adjacency: torch.Tensor, k: int) -> torch.Tensor:
+    """``[n, 2]`` (target, source) of the ``k`` largest ``|A|`` entries of ``adjacency``
+    whose target is a feature or target row (error/token rows have no inputs)."""
+    nonzero = adjacency.nonzero()
+    weights = adjacency[nonzero[:, 0], nonzero[:, 1]].abs()
+    return nonzero[torch.argsort(weights, descending=True)[:k]]
+
+
+def _print_graph(graph: Any) -> None:
+    counts = {k: graph.nodes.count(k) for k in ("feature", "error", "token", "target")}
+    print(f"prompt: {' | '.join(graph.token_strings)}")
+    print("targets: " + "; ".join(graph.node_label(int(i)) for i in graph.indices("target")))
+    scores = graph.scores()
+    excluded = len(graph.excluded)
+    print(
+        f"graph: {counts['feature']} features"
+        + (f" (+{excluded} left out by the budget)" if excluded else "")
+        + f", {counts['error']} errors, {counts['token']} tokens, {counts['target']} targets; "
+        f"replacement score {scores.replacement:.3f}, completeness {scores.completeness:.3f}"
+    )
+
+
+def _print_pruned(pruned: Any) -> None:
+    scores = pruned.scores()
+    n_edges = int((pruned.adjacency != 0).sum())
+    print(
+        f"pruned: {pruned.n_nodes} nodes, {n_edges} edges; replacement score "
+        f"{scores.replacement:.3f}, completeness {scores.completeness:.3f}"
+    )
+    target = int(pruned.indices("target")[0])
+    row = pruned.adjacency[target]
+    print(f"strongest inputs to {pruned.node_label(target)}:")
+    for s in torch.argsort(row.abs(), descending=True)[:5].tolist():
+        if float(row[s]) != 0.0:
+            print(f"  {float(row[s]):+9.3f}  {pruned.node_label(s)}")
+    loadings = pruned.head_loadings
+    if loadings is None:
+        return
+    pos = pruned.nodes.pos
+    cross = [i for i, (t, s) in enumerate(loadings.edges.tolist()) if int(pos[t]) != int(pos[s])]
+    cross.sort(key=lambda i: -abs(float(loadings.edge_values[i])))
+    if cross:
+        print("heads carrying the strongest cross-position edges:")
+    for i in cross[:5]:
+        t, s = loadings.edges[i].tolist()
+        heads = ", ".join(f"L{m}H{h} {v:+.3f}" for m, h, v in loadings.top_heads(i, k=2))
+        print(
+            f"  {pruned.node_label(s)} -> {pruned.node_label(t)} "
+            f"({float(loadings.edge_values[i]):+.3f}): {heads}"
+        )
