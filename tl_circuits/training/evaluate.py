@@ -36,7 +36,7 @@ from tl_circuits.replacement import validate_transcoders
 from tl_circuits.training.activations import Chunk, TokenSource, capture
 from tl_circuits.training.config import TrainingDataError
 from tl_circuits.transcoders.base import Transcoders
-from tl_circuits.typing import Float, typechecked
+from tl_circuits.typing import Bool, Float, Int, typechecked
 
 
 class ReconstructionAccumulator:
@@ -127,8 +127,8 @@ def _sequence_batches(source: TokenSource, n: int) -> Iterable[tuple[Tensor, Ten
 def evaluate_transcoders(
     model: HookedTransformer,
     transcoders: Transcoders,
-    tokens: Tensor | Iterable[Tensor | Chunk],
-    loss_mask: Tensor | None = None,
+    tokens: Int[Tensor, "n_seq seq"] | Iterable[Tensor | Chunk],
+    loss_mask: Bool[Tensor, "n_seq seq"] | None = None,
     *,
     batch_sequences: int = 16,
     progress: bool = False,

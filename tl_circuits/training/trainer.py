@@ -47,6 +47,7 @@ from tl_circuits.training.evaluate import TrainingReport, evaluate_transcoders
 from tl_circuits.training.export import to_clt, to_saelens, to_transcoder_set
 from tl_circuits.training.trainable import TrainableTranscoder
 from tl_circuits.transcoders.base import Transcoders
+from tl_circuits.typing import Bool, Int
 
 TRANSCODERS_DIR = "transcoders"
 REPORT_FILE = "report.json"
@@ -127,15 +128,15 @@ def _eval_tokens(source: TokenSource) -> Chunk | None:
 
 def train_transcoders(
     model: HookedTransformer,
-    tokens: Tensor | Iterable[Tensor | Chunk],
+    tokens: Int[Tensor, "n_seq seq"] | Iterable[Tensor | Chunk],
     cfg: TrainingConfig,
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    loss_mask: Tensor | None = None,
+    loss_mask: Bool[Tensor, "n_seq seq"] | None = None,
     *,
-    eval_tokens: Tensor | None = None,
-    eval_loss_mask: Tensor | None = None,
+    eval_tokens: Int[Tensor, "n_eval seq_eval"] | None = None,
+    eval_loss_mask: Bool[Tensor, "n_eval seq_eval"] | None = None,
 ) -> TrainingResult:
     """Train transcoders for ``model`` on ``tokens`` as ``cfg`` says; see docs/training.md.
 
@@ -147,6 +148,9 @@ def train_transcoders(
     checkpoint (same config; for an iterator, pass a fresh one yielding the same chunks).
     ``eval_tokens``: tokens for the final report (default: the first
     ``EVAL_TOKENS`` tokens of the stream, i.e. training data).
+
+    Arguments are checked by hand (not by beartype) so that every bad input raises a
+    TrainingConfigError / TrainingDataError / CheckpointError that says what to change.
     """
     if not isinstance(cfg, TrainingConfig):
         raise TrainingConfigError(f"cfg must be a TrainingConfig, got {type(cfg).__name__}")
