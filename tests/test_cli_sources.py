@@ -6,15 +6,10 @@ import argparse
 
 import pytest
 
-from tests.conftest import cached_model, cached_transcoders
+from conftest import cached_model, cached_transcoders
 from tl_circuits.cli import main
-from tl_circuits.cli.sources import (
-    ModelSource,
-    SourceError,
-    load_source,
-    release_sae_ids,
-    source_from_args,
-)
+from tl_circuits.cli.sources import ModelSource, SourceError, load_source, source_from_args
+from tl_circuits.pretrained import PretrainedError, load_transcoders, release_sae_ids
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -40,12 +35,12 @@ def test_release_names_its_model_and_one_id_per_layer() -> None:
 def test_release_template_and_ambiguous_release() -> None:
     ids = release_sae_ids("mwhanna-qwen3-0.6b-transcoders-lowl0", 28, "layer_{layer}")
     assert ids == [f"layer_{layer}" for layer in range(28)]
-    with pytest.raises(SourceError, match="no SAE ids"):
+    with pytest.raises(PretrainedError, match="no SAE ids"):
         release_sae_ids("mwhanna-qwen3-0.6b-transcoders-lowl0", 29, "layer_{layer}")
     # several SAEs per layer: the user must choose
-    with pytest.raises(SourceError, match="--sae-id-template"):
+    with pytest.raises(PretrainedError, match="SAE id template"):
         release_sae_ids("gemma-scope-2-270m-pt-transcoders-all", 18)
-    with pytest.raises(SourceError, match="not an SAE-Lens release"):
+    with pytest.raises(PretrainedError, match="not an SAE-Lens release"):
         release_sae_ids("no-such-release", 2)
 
 
@@ -62,23 +57,20 @@ def test_source_round_trip_and_bad_records() -> None:
 
 def test_local_transcoder_folders_load(tmp_path) -> None:
     """A saved TranscoderSet and a CLT folder are told apart and loaded."""
-    from tl_circuits.cli.sources import _load_transcoders
     from tl_circuits.transcoders import CrossLayerTranscoder, TranscoderSet
 
     cached_model("gpt2")
     plt_dir, clt_dir = tmp_path / "plt", tmp_path / "clt"
     cached_transcoders("gpt2", "relu").save(plt_dir)
     cached_transcoders("gpt2", "clt").save(clt_dir)
-    loaded = _load_transcoders(ModelSource(model="x", transcoders=str(plt_dir)), 3)
-    assert isinstance(loaded, TranscoderSet)
-    loaded = _load_transcoders(ModelSource(model="x", transcoders=str(clt_dir)), 3)
-    assert isinstance(loaded, CrossLayerTranscoder)
-    with pytest.raises(SourceError, match="not a directory and not an SAE-Lens release"):
-        _load_transcoders(ModelSource(model="x", transcoders=str(tmp_path / "nope")), 3)
+    assert isinstance(load_transcoders(str(plt_dir), 3), TranscoderSet)
+    assert isinstance(load_transcoders(str(clt_dir), 3), CrossLayerTranscoder)
+    with pytest.raises(PretrainedError, match="not a directory and not an SAE-Lens release"):
+        load_transcoders(str(tmp_path / "nope"), 3)
 
 
 def test_unknown_model_and_missing_transcoders() -> None:
-    with pytest.raises(SourceError, match="unknown model"):
+    with pytest.raises(PretrainedError, match="unknown model"):
         load_source(ModelSource(model="no-such-model-xyz", transcoders="/x"))
     with pytest.raises(SourceError, match="needs --transcoders"):
         load_source(ModelSource(model="gpt2"))

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.conftest import cached_model, cached_transcoders, prompt_tokens
+from conftest import cached_model, cached_transcoders, prompt_tokens
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.nodes import TOKEN

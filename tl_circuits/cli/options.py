@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tl_circuits.cli.sources import DTYPES, ModelSource, SourceError, load_source, source_from_args
+from tl_circuits.cli.sources import ModelSource, SourceError, load_source, source_from_args
+from tl_circuits.pretrained import DTYPES
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:

@@ -73,9 +73,12 @@ def run(args: argparse.Namespace) -> int:
             argparse.Namespace(prompt=args.prompt, example=args.example), source.model
         )
         if args.basis == "components" and source.model != DEFAULT and source.transcoders is None:
-            from tl_circuits.cli.sources import load_model
+            from tl_circuits.pretrained import load_model
 
-            model, transcoders = load_model(source), None
+            model = load_model(
+                source.model, fold_ln=source.fold_ln, device=source.device, dtype=source.dtype
+            )
+            transcoders = None
         else:
             model, transcoders = load_source(source)
         graph = None

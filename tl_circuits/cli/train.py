@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tl_circuits.cli.sources import DEFAULT, DTYPES, SourceError
+from tl_circuits.cli.sources import DEFAULT, SourceError
 
 DESCRIPTION = """\
 Train transcoders on a model's MLP inputs/outputs (tl_circuits.training; docs/training.md)
@@ -81,11 +81,9 @@ def _model(args: argparse.Namespace) -> Any:
         from tl_circuits.default import load_default_model
 
         return load_default_model(device=args.device or "cpu")
-    from tl_circuits.cli.sources import ModelSource, load_model
+    from tl_circuits.pretrained import load_model
 
-    return load_model(
-        ModelSource(model=args.model, fold_ln=args.fold_ln, device=args.device or "cpu")
-    )
+    return load_model(args.model, fold_ln=args.fold_ln, device=args.device or "cpu")
 
 
 def _token_source(args: argparse.Namespace, model: Any) -> Any:
@@ -132,6 +130,3 @@ def _synthetic_chunks(n_tokens: int, seed: int) -> Iterator[tuple[torch.Tensor, 
     for i in range(-(-n_tokens // chunk_tokens) + 1):
         batch = generate(per_chunk, seed=seed * 100_003 + i)
         yield batch.tokens, torch.ones_like(batch.loss_mask)
-
-
-__all__ = ["DTYPES", "add_parser"]
