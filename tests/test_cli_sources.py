@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
 from conftest import cached_model, cached_transcoders
+
 from tl_circuits.cli import main
 from tl_circuits.cli.sources import ModelSource, SourceError, load_source, source_from_args
 from tl_circuits.pretrained import PretrainedError, load_transcoders, release_sae_ids

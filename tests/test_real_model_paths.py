@@ -10,16 +10,13 @@ builds a graph, as the tutorial does.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 from transformer_lens import HookedTransformer
 
 from tl_circuits import AttributionGraph, ReplacementContext
 from tl_circuits.pretrained import PretrainedError, load_pretrained
-from tl_circuits.testing import random_model, random_transcoders
+from tl_circuits.testing import local_saelens_converter, random_model, random_transcoders
 
 RELEASE = "mwhanna-qwen3-0.6b-transcoders-lowl0"
 N_LAYERS = 28  # qwen3-0.6b, as the release's directory entry lists
@@ -36,25 +33,13 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory):
 def test_load_pretrained_release_on_local_files(stand_ins, monkeypatch) -> None:
     model, transcoders, root = stand_ins
     asked: list[tuple[str, str]] = []
+    calls: list[tuple[str, str]] = []
 
     def from_pretrained_no_processing(name: str, device: str, dtype: torch.dtype):
         asked.append(("model", name))
         return model
 
-    def converter(
-        repo_id: str,
-        folder_name: str,
-        device: str,
-        force_download: bool,
-        cfg_overrides: dict | None,
-    ):
-        asked.append((repo_id, folder_name))
-        cfg, state = sae_lens_disk_loader(
-            Path(root) / folder_name.removesuffix(".safetensors"),
-            device,
-            cfg_overrides=cfg_overrides,
-        )
-        return cfg, state, None
+    converter = local_saelens_converter(root, calls)
 
     monkeypatch.setattr(
         HookedTransformer, "from_pretrained_no_processing", from_pretrained_no_processing
@@ -62,8 +47,8 @@ def test_load_pretrained_release_on_local_files(stand_ins, monkeypatch) -> None:
     loaded_model, loaded = load_pretrained("qwen3-0.6b", RELEASE, converter=converter)
     assert loaded_model is model
     # every layer's SAE asked for under the release's own folder name, in layer order
-    assert asked[0] == ("model", "qwen3-0.6b")
-    assert [folder for _, folder in asked[1:]] == [
+    assert asked == [("model", "qwen3-0.6b")]
+    assert [folder for _, folder in calls] == [
         f"layer_{layer}.safetensors" for layer in range(N_LAYERS)
     ]
     for layer in range(N_LAYERS):

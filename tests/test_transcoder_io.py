@@ -15,11 +15,10 @@ import pytest
 import torch
 from conftest import cached_model, cached_transcoders, prompt_tokens
 from sae_lens import SAE
-from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
 from tl_circuits import CrossLayerTranscoder, ReplacementContext, TranscoderSet
-from tl_circuits.testing import TRANSCODER_KINDS, random_clt
+from tl_circuits.testing import TRANSCODER_KINDS, local_saelens_converter, random_clt
 from tl_circuits.transcoders.base import Transcoders
 
 FAMILY = "gpt2"
@@ -210,18 +209,7 @@ def test_from_pretrained_with_local_converter(kind: str, tmp_path: Path, no_netw
     release = "local-test/transcoders-not-on-the-hub"
     assert release not in get_pretrained_saes_directory()
     calls: list[tuple[str, str]] = []
-
-    def converter(
-        repo_id: str,
-        folder_name: str,
-        device: str,
-        force_download: bool,
-        cfg_overrides: dict | None,
-    ) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
-        calls.append((repo_id, folder_name))
-        assert not force_download
-        cfg, state = sae_lens_disk_loader(root / folder_name, device, cfg_overrides=cfg_overrides)
-        return cfg, state, None
+    converter = local_saelens_converter(root, calls)
 
     sae_ids = [f"layer_{layer}" for layer in reversed(range(tcs.n_layers))]
     loaded = TranscoderSet.from_pretrained(release, sae_ids, converter=converter)

@@ -9,6 +9,7 @@ fraction of features is active.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -279,3 +280,27 @@ def random_clt(
         input_hook="blocks.{layer}." + input_hook,
         output_hook="blocks.{layer}.hook_mlp_out",
     )
+
+
+def local_saelens_converter(root: str | Path, calls: list[tuple[str, str]] | None = None):
+    """A converter for ``SAE.from_pretrained(..., converter=...)`` that reads the SAE-Lens
+    folder ``root/<folder>`` from disk instead of downloading it (a ``.safetensors`` suffix
+    on the folder name, as some releases use, is dropped). Each ``(repo_id, folder_name)``
+    asked for is appended to ``calls``. Lets tests run SAE-Lens's real ``from_pretrained``
+    code path offline."""
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+
+    def converter(
+        repo_id: str,
+        folder_name: str,
+        device: str,
+        force_download: bool,
+        cfg_overrides: dict | None,
+    ) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
+        if calls is not None:
+            calls.append((repo_id, folder_name))
+        folder = Path(root) / folder_name.removesuffix(".safetensors")
+        cfg, state = sae_lens_disk_loader(folder, device, cfg_overrides=cfg_overrides)
+        return cfg, state, None
+
+    return converter
