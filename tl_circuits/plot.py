@@ -37,18 +37,35 @@ _COLORS = {FEATURE: "#f6ad55", ERROR: "#a0aec0", TOKEN: "#68d391", TARGET: "#b79
 CELL_SPREAD = 0.8  #: fraction of a column the nodes of one cell spread over
 
 
-def node_coordinates(graph: AttributionGraph) -> torch.Tensor:
-    """``[n_nodes, 2]`` (x, y) positions: x = token position (plus a within-cell offset),
-    y = 0 for tokens, ``layer + 1`` for features and errors, ``n_layers + 1`` for
-    targets."""
+def nodes_to_draw(graph: AttributionGraph, max_nodes: int) -> torch.Tensor:
+    """``[n_nodes]`` bool: every token and target node, and the ``max_nodes`` feature and
+    error nodes of largest influence on the targets (DESIGN.md §2, as in pruning)."""
+    kinds = graph.nodes.kind
+    shown = (kinds == TOKEN) | (kinds == TARGET)
+    inner = ((kinds == FEATURE) | (kinds == ERROR)).nonzero(as_tuple=True)[0]
+    if inner.numel() <= max_nodes:
+        shown[inner] = True
+        return shown
+    from tl_circuits.graph.pruning import node_influence
+
+    influence = node_influence(graph.adjacency, graph.indices("target"), graph.target_weights())
+    shown[inner[torch.argsort(influence[inner], descending=True)[:max_nodes]]] = True
+    return shown
+
+
+def node_coordinates(graph: AttributionGraph, shown: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n_nodes, 2]`` (x, y) positions: x = token position (plus a within-cell offset
+    spreading the ``shown`` nodes of one cell; default all), y = 0 for tokens,
+    ``layer + 1`` for features and errors, ``n_layers + 1`` for targets."""
     nodes = graph.nodes
     kind, layer, pos = nodes.kind, nodes.layer, nodes.pos
     y = torch.where(kind == TOKEN, torch.zeros_like(layer), layer + 1).to(torch.float64)
     # targets carry layer == n_layers, so they sit on the row above the last layer
     x = pos.to(torch.float64).clone()
     cells: dict[tuple[int, int], list[int]] = {}
-    for i, (yy, pp) in enumerate(zip(y.tolist(), pos.tolist())):
-        cells.setdefault((int(yy), int(pp)), []).append(i)
+    members_shown = range(len(nodes)) if shown is None else shown.nonzero(as_tuple=True)[0].tolist()
+    for i in members_shown:
+        cells.setdefault((int(y[i]), int(pos[i])), []).append(i)
     for members in cells.values():
         n = len(members)
         if n > 1:
@@ -57,9 +74,14 @@ def node_coordinates(graph: AttributionGraph) -> torch.Tensor:
     return torch.stack([x, y], dim=1)
 
 
-def _edges_to_draw(graph: AttributionGraph, max_edges: int) -> torch.Tensor:
-    """``[n, 2]`` (target, source) of the ``max_edges`` largest ``|A|`` entries."""
+def _edges_to_draw(
+    graph: AttributionGraph, max_edges: int, shown: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[n, 2]`` (target, source) of the ``max_edges`` largest ``|A|`` entries (between
+    ``shown`` nodes, default all)."""
     adjacency = graph.adjacency
+    if shown is not None:
+        adjacency = adjacency * (shown[:, None] & shown[None, :])
     nonzero = adjacency.nonzero()
     if nonzero.shape[0] > max_edges:
         weights = adjacency[nonzero[:, 0], nonzero[:, 1]].abs()
@@ -94,22 +116,28 @@ def _head_labels(graph: AttributionGraph, edges: torch.Tensor, n_label: int) -> 
 def draw_graph(
     graph: AttributionGraph,
     *,
-    max_edges: int = 400,
-    label_heads: int = 12,
+    max_nodes: int = 40,
+    max_edges: int = 300,
+    label_heads: int = 8,
     title: str | None = None,
 ) -> Figure:
     """Draw ``graph`` (see the module docstring) and return the matplotlib figure.
 
-    ``max_edges``: draw only the largest ``|A[t, s]|`` edges; ``label_heads``: how many
-    cross-position edges to label with their top heads (needs ``graph.head_loadings``).
+    ``max_nodes``: draw the tokens, the targets and this many feature/error nodes (the most
+    influential); ``max_edges``: draw only the largest ``|A[t, s]|`` edges between drawn
+    nodes; ``label_heads``: how many cross-position edges to label with their top heads
+    (needs ``graph.head_loadings``).
     """
-    if max_edges <= 0:
-        raise TLCircuitsError(f"max_edges must be positive, got {max_edges}")
+    for name, value in (("max_nodes", max_nodes), ("max_edges", max_edges)):
+        if value <= 0:
+            raise TLCircuitsError(f"{name} must be positive, got {value}")
     n_pos = len(graph.token_strings)
     n_rows = int(graph.info.get("n_layers", int(graph.nodes.layer.max()))) + 2
-    xy = node_coordinates(graph)
-    edges = _edges_to_draw(graph, max_edges)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_pos + 2), max(4.0, 1.0 * n_rows + 1.5)))
+    shown = nodes_to_draw(graph, max_nodes)
+    xy = node_coordinates(graph, shown)
+    edges = _edges_to_draw(graph, max_edges, shown)
+    width = min(22.0, max(6.0, 0.9 * n_pos + 2))
+    fig, ax = plt.subplots(figsize=(width, max(4.5, 1.5 * n_rows + 1.5)))
 
     if edges.shape[0]:
         weights = graph.adjacency[edges[:, 0], edges[:, 1]]
@@ -128,10 +156,10 @@ def draw_graph(
                 alpha=0.15 + 0.75 * abs(w),
                 zorder=1,
             )
-            if row in labels:
+            if row in labels:  # 40% of the way up, so labels of fan-in edges separate
                 ax.annotate(
                     labels[row],
-                    ((x0 + x1) / 2, (y0 + y1) / 2),
+                    (x0 + 0.4 * (x1 - x0), y0 + 0.4 * (y1 - y0)),
                     fontsize=7,
                     ha="center",
                     va="center",
@@ -141,7 +169,7 @@ def draw_graph(
 
     kinds = graph.nodes.kind
     for kind, marker in _MARKERS.items():
-        members = (kinds == kind).nonzero(as_tuple=True)[0]
+        members = ((kinds == kind) & shown).nonzero(as_tuple=True)[0]
         if members.numel():
             ax.scatter(
                 xy[members, 0].numpy(),
@@ -154,8 +182,8 @@ def draw_graph(
                 zorder=3,
                 label=("feature", "error", "token", "target")[kind],
             )
-    if len(graph.nodes) <= 80:
-        for i in (kinds == FEATURE).nonzero(as_tuple=True)[0].tolist():
+    if int(shown.sum()) <= 80:
+        for i in ((kinds == FEATURE) & shown).nonzero(as_tuple=True)[0].tolist():
             ax.annotate(
                 str(int(graph.nodes.feature[i])),
                 (float(xy[i, 0]), float(xy[i, 1])),

@@ -126,11 +126,14 @@ def _load_default(source: ModelSource) -> tuple[HookedTransformer, Transcoders]:
     from tl_circuits.pretrained import load_transcoders
 
     kind = source.transcoders or "per_layer"
-    model = load_default_model(device=source.device).to(DTYPES[source.dtype])
+    dtype = DTYPES[source.dtype]
+    model = load_default_model(device=source.device)
+    if model.cfg.dtype != dtype:
+        model = model.to(dtype)
     if kind in DEFAULT_TRANSCODERS:
-        transcoders = load_default_transcoders(kind, device=source.device).to(
-            dtype=DTYPES[source.dtype]
-        )
+        transcoders = load_default_transcoders(kind, device=source.device)
+        if transcoders.dtype != dtype:
+            transcoders = transcoders.to(dtype=dtype)
     else:
         transcoders = load_transcoders(
             kind, model.cfg.n_layers, device=source.device, dtype=source.dtype
