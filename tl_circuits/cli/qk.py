@@ -86,6 +86,17 @@ def run(args: argparse.Namespace) -> int:
     n_pos = int(model.to_tokens(prompt).shape[-1]) if isinstance(prompt, str) else len(prompt)
     query = _position(args.query_pos, n_pos, "--query-pos")
     keys = [_position(k, n_pos, "--key-pos") for k in args.key_pos] if args.key_pos else None
+    # check what is cheap to check before any graph is built
+    late = [k for k in keys or [] if k > query]
+    if late:
+        raise SourceError(
+            f"key position {late[0]} is after query position {query}: the causal mask hides it"
+        )
+    cfg = model.cfg
+    if not 0 <= args.layer < cfg.n_layers:
+        raise SourceError(f"--layer {args.layer} out of range [0, {cfg.n_layers})")
+    if not 0 <= args.head < cfg.n_heads:
+        raise SourceError(f"--head {args.head} out of range [0, {cfg.n_heads})")
     where = dict(layer=args.layer, head=args.head, query_pos=query, key_pos=keys)
     if args.basis == "components":
         qk = QKAttribution.from_components(model, prompt, **where)
