@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import cached_model, cached_transcoders, prompt_tokens
+
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.nodes import TOKEN
