@@ -18,13 +18,23 @@ from tl_circuits.interventions import (
     steered_generate,
 )
 from tl_circuits.model_hooks import install_mlp_input_hooks
+from tl_circuits.pretrained import load_pretrained
 from tl_circuits.qk import QKAttribution
+from tl_circuits.qk_bases import QKBasis
+from tl_circuits.qk_interventions import QKInterventionResult, intervene_qk
 from tl_circuits.replacement import (
     FeatureTable,
     ReconstructionStats,
     Recording,
     ReplacementContext,
     validate_transcoders,
+)
+from tl_circuits.training import (
+    TrainingConfig,
+    TrainingReport,
+    TrainingResult,
+    evaluate_transcoders,
+    train_transcoders,
 )
 from tl_circuits.transcoders import CrossLayerTranscoder, Encoder, Transcoders, TranscoderSet
 
@@ -42,16 +52,25 @@ __all__ = [
     "NonFiniteError",
     "PromptError",
     "QKAttribution",
+    "QKBasis",
+    "QKInterventionResult",
     "ReconstructionStats",
     "Recording",
     "ReplacementContext",
     "TLCircuitsError",
+    "TrainingConfig",
+    "TrainingReport",
+    "TrainingResult",
     "TranscoderConfigError",
     "TranscoderSet",
     "Transcoders",
     "UnsupportedArchitectureError",
+    "evaluate_transcoders",
     "install_mlp_input_hooks",
     "intervene",
+    "intervene_qk",
+    "load_pretrained",
     "steered_generate",
+    "train_transcoders",
     "validate_transcoders",
 ]
