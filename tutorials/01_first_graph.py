@@ -8,22 +8,23 @@
 # # 1. Your first attribution graph
 #
 # This tutorial builds the attribution graph of one prompt, reads it, prunes it, checks a
-# claim it makes with an intervention, and saves it. It runs on a small **random-weight**
-# GPT-2-style model with random transcoders so it needs no download; the graph's numbers are
-# exact, but its "circuits" mean nothing. (The trained default model with real induction
-# and fact-lookup circuits replaces it in a later release.) With a real model you would use
-# `HookedTransformer.from_pretrained(...)` and `TranscoderSet.from_pretrained(...)` instead.
+# claim it makes with an intervention, and saves it. It runs on the **embedded default
+# model** (a small trained transformer shipped with the package, with its transcoders), so
+# it needs no download. With a real model you would use
+# `tl_circuits.load_pretrained("gemma-2-2b", "gemma-scope-2b-pt-transcoders")` instead
+# (tutorial 4).
 
 # %%
 import torch
 
 from tl_circuits import AttributionGraph, FeatureIntervention, ReplacementContext, intervene
+from tl_circuits.default import DEFAULT_PROMPTS, load_default_model, load_default_transcoders
 from tl_circuits.graph.targets import target_values
-from tl_circuits.testing import random_model, random_transcoders
 
-model = random_model("gpt2", n_layers=4, d_model=64, n_heads=4, d_vocab=100, n_ctx=64)
-transcoders = random_transcoders(model, "jumprelu_skip", d_sae=256)
-prompt = torch.randint(0, 100, (10,), generator=torch.Generator().manual_seed(0))
+model = load_default_model()
+transcoders = load_default_transcoders("per_layer")
+prompt = DEFAULT_PROMPTS["fact_plays"].text
+print(prompt, "->", DEFAULT_PROMPTS["fact_plays"].answer)
 print(transcoders)
 
 # %% [markdown]
@@ -158,13 +159,13 @@ for flat in totals.flatten().argsort(descending=True)[:3].tolist():
 # %%
 from tl_circuits import QKAttribution  # noqa: E402
 
-last = int(prompt.shape[0]) - 1
-qk = QKAttribution.compute(graph, layer=2, head=0, query_pos=last)
-_, attn_cache = model.run_with_cache(prompt[None])
-scores = attn_cache["blocks.2.attn.hook_attn_scores"][0, 0, last, : last + 1]
+last = ctx.n_pos - 1
+qk = QKAttribution.compute(graph, layer=1, head=0, query_pos=last)
+_, attn_cache = model.run_with_cache(ctx.tokens[None])
+scores = attn_cache["blocks.1.attn.hook_attn_scores"][0, 0, last, : last + 1]
 assert torch.allclose(qk.scores, scores, rtol=1e-4, atol=1e-5)
 key = int(scores.argmax())
-print(f"L2H0 attends most from position {last} to {key}; its largest terms there:")
+print(f"L1H0 attends most from position {last} to {key}; its largest terms there:")
 special = {-1: "bias", -2: "features left out by a budget"}
 
 
