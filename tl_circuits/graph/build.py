@@ -139,7 +139,7 @@ def estimate_memory_bytes(
     """
     rows = n_rows * n_cols * element_size
     working = batch * (5 * n_pos * d_model + n_cols) * element_size
-    extra = 2 * n_rows * n_rows * element_size + 512 * n_cols * element_size if budgeted else 0
+    extra = 2 * n_rows * n_rows * element_size + 128 * n_cols * element_size if budgeted else 0
     return rows + working + extra
 
 
@@ -366,7 +366,7 @@ def _influence_from_rows(
     done: Tensor,
     n_feat: int,
     weights: Tensor,
-    chunk: int = 512,
+    chunk: int = 128,
 ) -> Tensor:
     """Influence on the targets of every feature, from the rows computed so far.
 
