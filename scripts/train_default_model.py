@@ -40,7 +40,13 @@ from tl_circuits.default import (
     load_default_transcoders,
     mechanisms,
 )
-from tl_circuits.default.synthetic import SyntheticConfig, fact_table, generate, generate_filler
+from tl_circuits.default.synthetic import (
+    SHORT_BLOCKS,
+    SyntheticConfig,
+    fact_table,
+    generate,
+    generate_filler,
+)
 from tl_circuits.default.tokenizer import (
     ATTRIBUTES,
     ENTITIES,
@@ -117,8 +123,10 @@ def load_transcoders_from(out: Path, kind: str) -> Transcoders:
     return load_default_transcoders(kind, directory=out)  # type: ignore[arg-type]
 
 
-def data_config(model: HookedTransformer) -> SyntheticConfig:
-    return SyntheticConfig(n_ctx=model.cfg.n_ctx)
+def data_config(out: Path) -> SyntheticConfig:
+    """The data shape the model in ``out`` was trained on (``model_metrics.json``)."""
+    fields = json.loads((out / "model_metrics.json").read_text())["data"]
+    return SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def model_config(arch: dict) -> HookedTransformerConfig:
@@ -166,10 +174,14 @@ def masked_loss(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tens
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
-def train_model(out: Path, arch: dict, recipe: dict, data_cfg: SyntheticConfig) -> dict:
+def train_model(
+    out: Path, arch: dict, recipe: dict, data_cfg: SyntheticConfig, init: Path | None = None
+) -> dict:
     torch.manual_seed(MODEL_SEED)
     tokenizer = wrap_tokenizer(build_backend_tokenizer())
     model = HookedTransformer(model_config(arch), tokenizer=tokenizer)
+    if init is not None:
+        model.load_state_dict(load_model_from(init).state_dict())
     model.train()
     opt = torch.optim.AdamW(
         model.parameters(),
@@ -228,8 +240,8 @@ def transcoder_configs(n_tokens: int | None = None) -> dict[str, TrainingConfig]
 def train_default_transcoders(out: Path, n_tokens: int | None = None) -> dict:
     """Train both transcoder kinds on the saved model; save into ``out/{kind}``."""
     model = load_model_from(out)
-    data = generate(TC_TRAIN_SEQUENCES, TC_DATA_SEED, data_config(model))
-    evaluation = generate(TC_EVAL_SEQUENCES, TC_EVAL_SEED, data_config(model))
+    data = generate(TC_TRAIN_SEQUENCES, TC_DATA_SEED, data_config(out))
+    evaluation = generate(TC_EVAL_SEQUENCES, TC_EVAL_SEED, data_config(out))
     metrics = {}
     for kind, cfg in transcoder_configs(n_tokens).items():
         t0 = time.time()
@@ -265,7 +277,7 @@ def spliced_logits_fn(model: HookedTransformer, transcoders: Transcoders):
 def make_card(out: Path) -> dict:
     """Measure the saved model and transcoders on fresh data; write ``card.json``."""
     model = load_model_from(out)
-    data_cfg = data_config(model)
+    data_cfg = data_config(out)
     measured = evaluate_model(model, data_cfg, n=CARD_SEQUENCES, seed=CARD_DATA_SEED)
     batch = generate(CARD_SEQUENCES, CARD_DATA_SEED, data_cfg)
     with torch.no_grad():
@@ -357,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
     p.add_argument("--batch", type=int, default=None, help="override the batch size")
     p.add_argument("--block", type=int, nargs=2, default=None, help="override block_len range")
+    p.add_argument(
+        "--short-blocks",
+        action="store_true",
+        help="train on synthetic.SHORT_BLOCKS (3-5 short repeated blocks; experiments)",
+    )
+    p.add_argument("--init", type=Path, default=None, help="start from this model folder")
     p.add_argument("--tc-tokens", type=int, default=None, help="override transcoder n_tokens")
     p.add_argument(
         "--threads",
@@ -377,10 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch is not None:
         recipe["batch_size"] = args.batch
     data_cfg = SyntheticConfig(n_ctx=arch["n_ctx"])
+    if args.short_blocks:
+        data_cfg = replace(SHORT_BLOCKS, n_ctx=arch["n_ctx"])
     if args.block is not None:
         data_cfg = replace(data_cfg, block_len=tuple(args.block))
     if args.stage in ("model", "all"):
-        metrics = train_model(args.out, arch, recipe, data_cfg)
+        metrics = train_model(args.out, arch, recipe, data_cfg, args.init)
         print(json.dumps({k: v for k, v in metrics.items() if k != "log"}, indent=1))
     if args.stage in ("transcoders", "all"):
         train_default_transcoders(args.out, args.tc_tokens)

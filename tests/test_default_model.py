@@ -22,6 +22,7 @@ from tl_circuits.default import (
     mechanisms,
 )
 from tl_circuits.default.synthetic import (
+    SHORT_BLOCKS,
     SyntheticConfig,
     fact_table,
     generate,
@@ -103,19 +104,28 @@ def test_vocabulary_is_readable_and_disjoint() -> None:
     assert set(filler_words()).isdisjoint(ENTITIES)
 
 
-def test_generator_is_reproducible_and_well_formed() -> None:
-    a, b = generate(16, 5), generate(16, 5)
+@pytest.mark.parametrize("config", [SyntheticConfig(), SHORT_BLOCKS], ids=["default", "short"])
+def test_generator_is_reproducible_and_well_formed(config: SyntheticConfig) -> None:
+    a, b = generate(16, 5, config), generate(16, 5, config)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask)
-    assert not torch.equal(a.tokens, generate(16, 6).tokens)
+    assert not torch.equal(a.tokens, generate(16, 6, config).tokens)
     bos = token_id("<bos>")
     assert (a.tokens[:, 0] == bos).all() and (a.tokens[:, 1:] != bos).all()
     facts = fact_table()
     rel_ids = {token_id(r): r for r in RELATIONS}
-    for i in range(16):
-        s, c, L = int(a.block_start[i]), int(a.copy_start[i]), int(a.block_len[i])
-        assert c >= s + L
+    copy_mask = torch.zeros_like(a.copy_mask)
+    for i, s, c, L in a.blocks.tolist():
+        assert c >= s + L and config.block_len[0] <= L <= config.block_len[1]
         assert torch.equal(a.tokens[i, s : s + L], a.tokens[i, c : c + L])
-        assert a.copy_mask[i].sum() == L - 1
+        # a block word occurs only in the block and its copy
+        for word in a.tokens[i, s : s + L].tolist():
+            assert (a.tokens[i] == word).sum() == 2
+        copy_mask[i, c : c + L - 1] = True
+    assert torch.equal(copy_mask, a.copy_mask)
+    n_blocks = torch.bincount(a.blocks[:, 0], minlength=16)
+    assert (n_blocks >= 1).all() and (n_blocks <= config.n_blocks[1]).all()
+    assert n_blocks.float().mean() >= min(2, config.n_blocks[0])
+    for i in range(16):
         for p in a.fact_mask[i].nonzero()[:, 0].tolist():
             entity = vocabulary()[int(a.tokens[i, p - 1])]
             relation = rel_ids[int(a.tokens[i, p])]

@@ -16,6 +16,7 @@ loads from package data: no internet, no model hub. See ``docs/default_model.md`
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -155,7 +156,13 @@ def load_default_transcoders(
         )
     path = _data_file(TRANSCODER_DIRS[kind], Path(directory) if directory is not None else None)
     if kind == "per_layer":
-        return TranscoderSet.load(path, device=str(device))
+        with warnings.catch_warnings():
+            # SAE-Lens advises loading the model with the cfg's model_from_pretrained_kwargs;
+            # the default model is built from its own config, so the advice does not apply
+            warnings.filterwarnings(
+                "ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs"
+            )
+            return TranscoderSet.load(path, device=str(device))
     return CrossLayerTranscoder.load(path, device=str(device))
 
 

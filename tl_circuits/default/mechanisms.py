@@ -2,8 +2,9 @@
 
 - previous-token score of head ``(l, h)``: mean attention from position ``i`` to ``i - 1``
   over random filler sequences (positions ``i >= 2``, so the ``<bos>`` sink is excluded);
-- induction score: mean attention from a second-copy token (position ``copy_start + j``)
-  to the token after its first occurrence (``block_start + j + 1``), ``j = 0 .. L - 2``;
+- induction score: mean attention from a copied token (position ``copy_start + j``) to the
+  token after its first occurrence (``block_start + j + 1``), ``j = 0 .. L - 2``, over
+  every repeated block of :attr:`SyntheticBatch.blocks`;
 - copying / fact accuracy: the argmax next-token prediction is right at the positions of
   :attr:`SyntheticBatch.copy_mask` / ``fact_mask``; optionally with some heads' outputs
   zeroed (``hook_z``) or with transcoders spliced in.
@@ -50,12 +51,11 @@ def previous_token_scores(
 def _copy_query_key(batch: SyntheticBatch) -> tuple[Tensor, Tensor, Tensor]:
     """(sequence index, query position, key position) of every induction pair."""
     seq, q, k = [], [], []
-    for b in range(batch.tokens.shape[0]):
-        L = int(batch.block_len[b])
-        j = torch.arange(L - 1)
-        seq.append(torch.full((L - 1,), b))
-        q.append(int(batch.copy_start[b]) + j)
-        k.append(int(batch.block_start[b]) + j + 1)
+    for b, start, copy, length in batch.blocks.tolist():
+        j = torch.arange(length - 1)
+        seq.append(torch.full((length - 1,), b))
+        q.append(copy + j)
+        k.append(start + j + 1)
     return torch.cat(seq), torch.cat(q), torch.cat(k)
 
 

@@ -3,8 +3,10 @@
 A sequence has ``n_ctx`` tokens: ``<bos>`` and then, in random order with random filler
 runs between them,
 
-- a **block** of ``L`` distinct random filler words and, later, a **copy** of it
-  (induction: ``... A B ... A -> B``); ``L`` is drawn from ``block_len``;
+- several independent **blocks** of ``L`` distinct random filler words (``L`` drawn from
+  ``block_len``, the number of blocks from ``n_blocks``), each followed later by a **copy**
+  of it (induction: ``... A B ... A -> B``); blocks are short, so the token two or more
+  back is random filler and only "the previous token was A" finds the copied word;
 - ``n_facts`` **fact statements** ``Entity relation attribute`` from the fixed table
   :func:`fact_table` (distinct entities within a sequence, so each fact is stated once
   and can only be recalled, never copied);
@@ -12,10 +14,10 @@ runs between them,
   found by position (the token before the relation): this is what makes a sharp
   previous-token head worth learning early.
 
-Filler words outside the block are drawn from the filler words not in the block, so the
-copy is the only repeat of a block word. Position ``p`` of a mask marks the logits at
+Filler words outside the blocks are drawn from the filler words in no block, so a copy is
+the only repeat of a block word. Position ``p`` of a mask marks the logits at
 ``p`` that predict token ``p + 1``; ``loss_mask = copy_mask | fact_mask`` marks the
-predictable positions (second copy after its first token, and the attribute after a
+predictable positions (a copy's tokens but its last, and the attribute after a
 relation word).
 """
 
@@ -45,35 +47,52 @@ class SyntheticConfig:
     """Shape of the generated sequences.
 
     n_ctx: tokens per sequence (including ``<bos>``).
-    block_len: inclusive range of the copied block's length ``L``.
+    block_len: inclusive range of each repeated block's length ``L`` (short blocks: a token
+    ``k >= 2`` back is random filler, so only a previous-token mechanism predicts the copy).
+    n_blocks: inclusive range of the number of independent repeated blocks per sequence
+    (fewer when the sequence cannot hold them).
     n_facts: inclusive range of the number of fact statements per sequence.
     n_distractors: entity names dropped at random filler positions, so that the entity of a
     fact is identified by position (the token right before the relation), not by kind.
+    min_filler: filler tokens kept free at least (blocks are dropped to make room).
+    near_fraction: probability that a block's copy follows it after only ``near_gap``
+    filler tokens (uniform, inclusive): then a key position ``k >= 2`` tokens after the
+    block's first token does not exist yet when the copy starts, so a shifted "token k
+    back" circuit fails there and only a previous-token (1-back) circuit works everywhere.
     """
 
     n_ctx: int = 64
     block_len: tuple[int, int] = (8, 24)
+    n_blocks: tuple[int, int] = (1, 1)
     n_facts: tuple[int, int] = (1, 2)
     n_distractors: int = 4
+    min_filler: int = 12
+    near_fraction: float = 0.0
+    near_gap: tuple[int, int] = (0, 2)
+
+
+SHORT_BLOCKS = SyntheticConfig(block_len=(2, 6), n_blocks=(3, 5), near_fraction=0.5)
+"""The short-block data shape tried for a clean (1-back) induction circuit: 3-5 repeated
+blocks of 2-6 words, half of the copies right after their block (docs/default_model.md:
+it did not form one; the shipped model is trained on the defaults above)."""
 
 
 @dataclass(frozen=True)
 class SyntheticBatch:
-    """Generated sequences with their masks and the block positions.
+    """Generated sequences with their masks and the repeated blocks.
 
     tokens: ``[batch, pos]`` token ids (``<bos>`` at position 0).
     copy_mask: ``[batch, pos]`` positions whose next token is a copied block token.
     fact_mask: ``[batch, pos]`` relation positions (next token is the attribute).
-    block_start, copy_start, block_len: ``[batch]`` first copy starts at ``block_start``,
-    the second at ``copy_start``, both ``block_len`` tokens long.
+    blocks: ``[n_blocks, 4]`` one row per repeated block of the whole batch: ``(sequence,
+    block_start, copy_start, block_len)``; the first occurrence starts at ``block_start``,
+    the copy at ``copy_start``, both ``block_len`` tokens long.
     """
 
     tokens: Int[Tensor, "batch pos"]
     copy_mask: Bool[Tensor, "batch pos"]
     fact_mask: Bool[Tensor, "batch pos"]
-    block_start: Int[Tensor, " batch"]
-    copy_start: Int[Tensor, " batch"]
-    block_len: Int[Tensor, " batch"]
+    blocks: Int[Tensor, "n_blocks 4"]
 
     @property
     def loss_mask(self) -> Bool[Tensor, "batch pos"]:
@@ -106,6 +125,16 @@ def _split(rng: np.random.Generator, total: int, parts: int) -> np.ndarray:
     return np.diff(np.concatenate([[0], cuts, [total]]))
 
 
+def _block_lengths(rng: np.random.Generator, cfg: SyntheticConfig, room: int) -> list[int]:
+    """Lengths of the repeated blocks of one sequence; the last blocks are dropped until
+    both copies of every block fit in ``room`` tokens (at least one block is kept)."""
+    n_blocks = int(rng.integers(cfg.n_blocks[0], cfg.n_blocks[1] + 1))
+    lengths = [int(x) for x in rng.integers(cfg.block_len[0], cfg.block_len[1] + 1, n_blocks)]
+    while len(lengths) > 1 and 2 * sum(lengths) > room:
+        lengths.pop()
+    return lengths
+
+
 @typechecked
 def generate(n: int, seed: int, config: SyntheticConfig | None = None) -> SyntheticBatch:
     """``n`` sequences from the generator seeded with ``seed`` (same seed, same batch)."""
@@ -120,54 +149,67 @@ def generate(n: int, seed: int, config: SyntheticConfig | None = None) -> Synthe
     tokens = np.zeros((n, T), dtype=np.int64)
     copy_mask = np.zeros((n, T), dtype=bool)
     fact_mask = np.zeros((n, T), dtype=bool)
-    starts = np.zeros((3, n), dtype=np.int64)
+    blocks: list[tuple[int, int, int, int]] = []
     for b in range(n):
-        L = int(rng.integers(cfg.block_len[0], cfg.block_len[1] + 1))
         k = int(rng.integers(cfg.n_facts[0], cfg.n_facts[1] + 1))
-        n_free = T - 1 - 2 * L - 3 * k
-        if n_free < 0:
-            raise ValueError(f"n_ctx={T} is too short for a block of {L} and {k} facts")
-        block = rng.choice(fillers, size=L, replace=False)
+        lengths = _block_lengths(rng, cfg, T - 1 - 3 * k - cfg.min_filler)
+        n_free = T - 1 - 2 * sum(lengths) - 3 * k
+        words = rng.choice(fillers, size=sum(lengths), replace=False)
+        cuts = np.cumsum([0, *lengths])
+        block_words = [words[cuts[i] : cuts[i + 1]] for i in range(len(lengths))]
         ents = rng.choice(len(ENTITIES), size=k, replace=False)
         rels = rng.integers(0, len(RELATIONS), size=k)
-        # items: 0 = block, 1 = copy, 2.. = facts; block always before its copy
-        order = rng.permutation(k + 2)
-        i0, i1 = np.flatnonzero(order == 0)[0], np.flatnonzero(order == 1)[0]
-        if i1 < i0:
-            order[i0], order[i1] = 1, 0
-        gaps = _split(rng, n_free, k + 3)
-        others = np.setdiff1d(fillers, block, assume_unique=True)
+        near = rng.random(len(lengths)) < cfg.near_fraction
+        inner = [
+            int(rng.integers(cfg.near_gap[0], cfg.near_gap[1] + 1)) if near[i] else 0
+            for i in range(len(lengths))
+        ]
+        n_free -= sum(inner)
+        if n_free < 0:
+            raise ValueError(f"n_ctx={T} is too short for blocks {lengths} and {k} facts")
+        # items: ("block", i) twice per far block (the first one met is the original), once
+        # per near block (block, a short filler gap, copy), and ("fact", j)
+        items = [("block", i) for i in range(len(lengths)) for _ in range(1 if near[i] else 2)]
+        items += [("fact", j) for j in range(k)]
+        order = rng.permutation(len(items))
+        gaps = _split(rng, n_free, len(items) + 1)
+        others = np.setdiff1d(fillers, words, assume_unique=True)
         seq = [bos]
         filler_pos: list[int] = []
-        for item, gap in zip(order, gaps[:-1]):
+        first_start: dict[int, int] = {}
+
+        for index, gap in zip(order, gaps[:-1]):
             filler_pos.extend(range(len(seq), len(seq) + int(gap)))
             seq.extend(rng.choice(others, size=int(gap)))
             p = len(seq)
-            if item == 0:
-                starts[0, b] = p
-                seq.extend(block)
-            elif item == 1:
-                starts[1, b] = p
-                seq.extend(block)
-                copy_mask[b, p : p + L - 1] = True
-            else:
-                e, r = ents[item - 2], rels[item - 2]
+            kind, i = items[int(index)]
+            if kind == "fact":
+                e, r = ents[i], rels[i]
                 seq.extend([entity_ids[e], relation_ids[r], facts[e, r]])
                 fact_mask[b, p + 1] = True
+                continue
+            if i not in first_start:  # the block's first occurrence
+                first_start[i] = p
+                seq.extend(block_words[i])
+                if not near[i]:
+                    continue
+                filler_pos.extend(range(len(seq), len(seq) + inner[i]))
+                seq.extend(rng.choice(others, size=inner[i]))
+            c = len(seq)  # the copy
+            seq.extend(block_words[i])
+            blocks.append((b, first_start[i], c, lengths[i]))
+            copy_mask[b, c : c + lengths[i] - 1] = True
         filler_pos.extend(range(len(seq), len(seq) + int(gaps[-1])))
         seq.extend(rng.choice(others, size=int(gaps[-1])))
         k_d = min(cfg.n_distractors, len(filler_pos))
         for p in rng.choice(filler_pos, size=k_d, replace=False):
             seq[int(p)] = entity_ids[rng.integers(0, len(ENTITIES))]
         tokens[b] = seq
-        starts[2, b] = L
     return SyntheticBatch(
         tokens=torch.from_numpy(tokens),
         copy_mask=torch.from_numpy(copy_mask),
         fact_mask=torch.from_numpy(fact_mask),
-        block_start=torch.from_numpy(starts[0]),
-        copy_start=torch.from_numpy(starts[1]),
-        block_len=torch.from_numpy(starts[2]),
+        blocks=torch.tensor(blocks, dtype=torch.int64).reshape(-1, 4),
     )
 
 
