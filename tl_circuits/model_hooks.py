@@ -115,6 +115,7 @@ def check_transcoder_hooks(
         model.run_with_hooks(
             torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device),
             fwd_hooks=[(name, record) for name in names],
+            stop_at_layer=model.cfg.n_layers,  # the hooks are inside blocks: no unembedding
         )
     for layer, (hin, hout) in enumerate(zip(input_hooks, output_hooks, strict=False)):
         for hook in (hin, hout):

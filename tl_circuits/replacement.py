@@ -41,7 +41,7 @@ from tl_circuits.model_hooks import (
     model_has_folded_ln,
 )
 from tl_circuits.prompt import Prompt, to_tokens
-from tl_circuits.transcoders.base import Transcoders
+from tl_circuits.transcoders.base import Transcoders, all_finite
 from tl_circuits.typing import Float, Int, typechecked
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def validate_transcoders(model: HookedTransformer, transcoders: Transcoders) -> 
             f"{cfg.n_layers} layers; every MLP needs a transcoder"
         )
     for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+        if not all_finite(param):
             raise NonFiniteError(f"model parameter {name!r} contains NaN/inf")
     if transcoders.d_model != cfg.d_model:
         raise TranscoderConfigError(
@@ -460,7 +460,9 @@ class ReplacementContext:
             ) as rec,
             self.model.hooks(fwd_hooks=[(name, keep) for name in capture]),
         ):
-            self.model(self.tokens[None])
+            # every constant is read before the unembedding: stop there (it copies W_U)
+            resid = self.model(self.tokens[None], stop_at_layer=self.model.cfg.n_layers)
+            self.model.ln_final(resid)  # recorded as the final norm's output
         return rec, captured
 
     def run(self, **hook_kwargs: object) -> tuple[Tensor, Recording]:

@@ -177,11 +177,11 @@ class Transcoders(ABC):
                         f"{where}: {name} is {tensor.dtype} on {tensor.device}, but the set is "
                         f"{self.dtype} on {self.device}; move all transcoders with .to()"
                     )
-                if not _all_finite(tensor):
+                if not all_finite(tensor):
                     raise NonFiniteError(f"{where}: {name} contains NaN or infinite values")
 
 
-def _all_finite(tensor: Tensor) -> bool:
+def all_finite(tensor: Tensor) -> bool:
     """True when ``tensor`` has no NaN/inf; a cheap sum first, the exact check only if needed."""
     acc = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     if bool(torch.isfinite(tensor.sum(dtype=acc))):
