@@ -14,21 +14,12 @@ from typing import Literal
 
 import torch
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.saes.transcoder import (
-    JumpReLUSkipTranscoder,
-    JumpReLUSkipTranscoderConfig,
-    JumpReLUTranscoder,
-    JumpReLUTranscoderConfig,
-    SkipTranscoder,
-    SkipTranscoderConfig,
-    Transcoder,
-    TranscoderConfig,
-)
+from sae_lens.saes.transcoder import JumpReLUTranscoder, SkipTranscoder
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_circuits.model_hooks import install_mlp_input_hooks
 from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
-from tl_circuits.transcoders.per_layer import TranscoderSet
+from tl_circuits.transcoders.per_layer import SAELENS_CLASSES, TranscoderSet
 
 Family = Literal["gpt2", "llama", "qwen3", "gemma2", "pythia"]
 FAMILIES: tuple[Family, ...] = ("gpt2", "llama", "qwen3", "gemma2", "pythia")
@@ -181,15 +172,9 @@ def random_transcoders(
     install_mlp_input_hooks(model)
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
-    classes = {
-        "relu": (Transcoder, TranscoderConfig),
-        "skip": (SkipTranscoder, SkipTranscoderConfig),
-        "jumprelu": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
-        "jumprelu_skip": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
-    }
-    if kind not in classes:
+    if kind not in TRANSCODER_KINDS:
         raise ValueError(f"unknown transcoder kind {kind!r}; choose from {TRANSCODER_KINDS}")
-    sae_cls, cfg_cls = classes[kind]
+    sae_cls, cfg_cls = SAELENS_CLASSES[("skip" in kind, "jumprelu" in kind)]
     hooks = [f"blocks.{layer}.{input_hook}" for layer in range(cfg.n_layers)]
     inputs = _mlp_inputs(model, hooks, seed, calibration_positions)
     gen = torch.Generator().manual_seed(seed)

@@ -13,29 +13,13 @@ import warnings
 
 import torch
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.saes.transcoder import (
-    JumpReLUSkipTranscoder,
-    JumpReLUSkipTranscoderConfig,
-    JumpReLUTranscoder,
-    JumpReLUTranscoderConfig,
-    SkipTranscoder,
-    SkipTranscoderConfig,
-    Transcoder,
-    TranscoderConfig,
-)
+from sae_lens.saes.transcoder import JumpReLUTranscoder, SkipTranscoder, Transcoder
 from torch import Tensor
 
 from tl_circuits.model_hooks import SUPPORTED_OUTPUT_HOOK
 from tl_circuits.training.trainable import TrainableTranscoder
 from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
-from tl_circuits.transcoders.per_layer import TranscoderSet
-
-_SAE_CLASSES = {
-    (False, False): (Transcoder, TranscoderConfig),
-    (True, False): (SkipTranscoder, SkipTranscoderConfig),
-    (False, True): (JumpReLUTranscoder, JumpReLUTranscoderConfig),
-    (True, True): (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
-}
+from tl_circuits.transcoders.per_layer import SAELENS_CLASSES, TranscoderSet
 
 
 @torch.no_grad()
@@ -74,7 +58,7 @@ def to_saelens(
 ) -> dict[int, Transcoder]:
     """One SAE-Lens transcoder per trained layer (model layer -> object)."""
     cfg = module.cfg
-    sae_cls, cfg_cls = _SAE_CLASSES[(cfg.skip, cfg.activation == "jumprelu")]
+    sae_cls, cfg_cls = SAELENS_CLASSES[(cfg.skip, cfg.activation == "jumprelu")]
     d = module.d_model
     saes: dict[int, Transcoder] = {}
     for i, layer in enumerate(layers):

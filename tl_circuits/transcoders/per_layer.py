@@ -23,9 +23,13 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.transcoder import (
     JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig,
     JumpReLUTranscoder,
+    JumpReLUTranscoderConfig,
     SkipTranscoder,
+    SkipTranscoderConfig,
     Transcoder,
+    TranscoderConfig,
 )
 from torch import Tensor
 
@@ -34,6 +38,13 @@ from tl_circuits.transcoders.base import Encoder, Transcoders, layer_of_hook
 
 MANIFEST = "transcoder_set.json"
 SAELENS_CFG = "cfg.json"
+#: SAE-Lens transcoder class and config class by (skip, jumprelu)
+SAELENS_CLASSES: dict[tuple[bool, bool], tuple[type[Transcoder], type[TranscoderConfig]]] = {
+    (False, False): (Transcoder, TranscoderConfig),
+    (True, False): (SkipTranscoder, SkipTranscoderConfig),
+    (False, True): (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+    (True, True): (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
+}
 
 
 def _fold_ln_from_metadata(sae: Transcoder) -> bool | None:
