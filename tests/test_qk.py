@@ -236,3 +236,36 @@ def test_bad_inputs() -> None:
     )
     with pytest.raises(QKError, match=r"hook_mlp_out.*blocks.1.hook_resid_pre"):
         QKAttribution.from_sae(model, tokens, wrong, layer=1, head=0, query_pos=3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_basis_chunked_propagation_is_exact(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small propagation chunks start late (layer) and truncate early positions; the node
+    contributions must equal one whole-model, whole-prompt propagation, skip paths and
+    post-attention norms included."""
+    import tl_circuits.qk_bases as qk_bases
+
+    graph = _graph(family, "jumprelu_skip")
+    model = graph.context.model
+    layer = model.cfg.n_layers - 1
+    monkeypatch.setattr(qk_bases, "PROPAGATE_CHUNK", 10**6)
+    whole = QKBasis.from_graph(graph, layer)
+    rows = whole.live_rows([len(graph.tokens) - 1])
+    reference = whole.contributions(rows, range(len(graph.tokens)))
+    monkeypatch.setattr(qk_bases, "PROPAGATE_CHUNK", 3)
+    chunked = QKBasis.from_graph(graph, layer)
+    torch.testing.assert_close(
+        chunked.contributions(rows, range(len(graph.tokens))), reference, rtol=1e-10, atol=1e-12
+    )
+    assert len(rows) > 30  # many chunks of 3
+    # nothing written before a node's position (causality survives the truncation)
+    node_rows = rows[rows < len(graph.nodes)]
+    for r, c in zip(node_rows.tolist(), reference[: len(node_rows)]):
+        assert c[: int(graph.nodes.pos[r])].abs().sum() == 0
+    check_q1(
+        QKAttribution.from_basis(chunked, head=0, query_pos=QUERY),
+        model,
+        attn_cache(model, graph.tokens),
+    )

@@ -55,11 +55,12 @@ class FrozenNorm:
             g = g - g.mean(-1, keepdim=True)
         return g
 
-    def forward_linear(self, x: Tensor) -> Tensor:
-        """The linear part ``centre?(x) / s * w`` applied to ``x`` ``[..., pos, d]``."""
+    def forward_linear(self, x: Tensor, first_pos: int = 0) -> Tensor:
+        """The linear part ``centre?(x) / s * w`` applied to ``x`` ``[..., pos, d]``, whose
+        positions are the prompt's ``first_pos, first_pos + 1, ...``."""
         if self.centre:
             x = x - x.mean(-1, keepdim=True)
-        x = x / self.scale
+        x = x / self.scale[first_pos : first_pos + x.shape[-2]]
         if self.weight is not None:
             x = x * self.weight
         return x
@@ -81,14 +82,14 @@ class _Identity:
     def adjoint(self, g: Tensor) -> Tensor:
         return g
 
-    def forward_linear(self, x: Tensor) -> Tensor:
+    def forward_linear(self, x: Tensor, first_pos: int = 0) -> Tensor:
         return x
 
 
 class LinearMap(Protocol):
     def adjoint(self, g: Tensor) -> Tensor: ...
 
-    def forward_linear(self, x: Tensor) -> Tensor: ...
+    def forward_linear(self, x: Tensor, first_pos: int = 0) -> Tensor: ...
 
 
 def _norm_adjoint_(norm: LinearMap, g: Tensor) -> None:
@@ -211,18 +212,23 @@ class FrozenBlock:
             out_2d.addmm_(gv_heads[h], self.W_V[h].T)
         _norm_adjoint_(self.ln1, out)
 
-    def attn_forward(self, x: Tensor, head_mask: Tensor | None = None) -> Tensor:
+    def attn_forward(
+        self, x: Tensor, head_mask: Tensor | None = None, first_pos: int = 0
+    ) -> Tensor:
         """Linear part of attention on ``x`` ``[B, pos, d_model]`` (no biases).
 
         ``head_mask`` ``[B, n_heads]`` scales each head's output (for head loadings).
+        ``first_pos``: ``x`` holds the prompt's positions ``first_pos ..`` (a suffix; exact
+        when the residual is zero before it, since attention only looks back).
         """
-        y = self.ln1.forward_linear(x)
+        f, n = first_pos, x.shape[1]
+        y = self.ln1.forward_linear(x, f)
         v = torch.einsum("bkm,hme->bhke", y, self.W_V)
-        z = torch.einsum("hqk,bhke->bhqe", self.pattern, v)
+        z = torch.einsum("hqk,bhke->bhqe", self.pattern[:, f : f + n, f : f + n], v)
         if head_mask is not None:
             z = z * head_mask[:, :, None, None]
         out = torch.einsum("bhqe,hed->bqd", z, self.W_O)
-        return self.post_attn.forward_linear(out)
+        return self.post_attn.forward_linear(out, f)
 
 
 class FrozenLinearModel:
@@ -359,6 +365,7 @@ class FrozenLinearModel:
         head_mask: dict[int, Tensor] | None = None,
         start: int = 0,
         stop: int | None = None,
+        first_pos: int = 0,
     ) -> list[Tensor]:
         """Forward-propagate node contributions through the frozen *direct-effect* model.
 
@@ -377,6 +384,10 @@ class FrozenLinearModel:
         ``start``: the first layer whose input can be nonzero (no ``embed`` and no writes
         before layer ``start - 1`` are allowed): earlier blocks are skipped, their
         ``resid_pre`` returned as zeros.
+
+        ``first_pos``: every input is zero before this position; the tensors (inputs and
+        outputs) then hold only positions ``first_pos ..`` (``[B, pos - first_pos, d]``), and
+        the work shrinks with them (causal attention never moves a contribution back).
 
         Returns ``n_layers + 1`` tensors ``[B, pos, d_model]``: ``resid_pre(m)`` for each
         layer ``m`` and, last, ``resid_post(n_layers - 1)`` (what the final norm reads);
@@ -399,13 +410,13 @@ class FrozenLinearModel:
                 if layer in writes:
                     x = x + writes[layer]
                 continue
-            attn = block.attn_forward(x, head_mask.get(layer))
+            attn = block.attn_forward(x, head_mask.get(layer), first_pos)
             if block.parallel:
-                skip = _skip_forward(block, x)
+                skip = _skip_forward(block, x, first_pos)
                 x = x + attn if skip is None else x + attn + skip
             else:
                 x = x + attn
-                skip = _skip_forward(block, x)
+                skip = _skip_forward(block, x, first_pos)
                 if skip is not None:
                     x = x + skip
             if layer in writes:
@@ -466,11 +477,12 @@ class EdgeSink(Protocol):
 # ---- forward propagation and recorded gradients (head loadings, DESIGN.md §3) ---------------
 
 
-def _skip_forward(block: FrozenBlock, x: Tensor) -> Tensor | None:
-    """The MLP skip path ``W_skip mlp_in(x)`` of ``block`` (None without a skip)."""
+def _skip_forward(block: FrozenBlock, x: Tensor, first_pos: int = 0) -> Tensor | None:
+    """The MLP skip path ``W_skip mlp_in(x)`` of ``block`` (None without a skip); ``x``
+    holds positions ``first_pos ..``."""
     if block.W_skip is None:
         return None
-    return block.mlp_in.forward_linear(x) @ block.W_skip.T
+    return block.mlp_in.forward_linear(x, first_pos) @ block.W_skip.T
 
 
 @dataclass

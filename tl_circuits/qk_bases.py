@@ -44,6 +44,9 @@ EXCLUDED = -2  #: component id of the features left out by a budget (graph basis
 Side = Literal["q", "k"]
 #: rows projected at once (bounds the ``[chunk, positions, d_model]`` temporaries)
 CHUNK = 512
+PROPAGATE_CHUNK = 64
+"""Rows per forward propagation of graph nodes (small, so each chunk spans few positions
+and its causal suffix stays short)."""
 
 
 class QKError(TLCircuitsError):
@@ -389,8 +392,13 @@ def _graph_residuals(
 ) -> Tensor:
     """Contributions ``[len(live) + bool(left_out) + 1, pos, d_model]`` to
     ``resid_pre(layer)`` of the ``live`` nodes, the ``left_out`` ones together, and the bias
-    (last), propagated in chunks of :data:`CHUNK` rows by
-    :meth:`FrozenLinearModel.forward_residuals`."""
+    (last), propagated by :meth:`FrozenLinearModel.forward_residuals`.
+
+    Rows are sorted by (first layer written, first position) and propagated in chunks of
+    :data:`PROPAGATE_CHUNK`; a chunk starts at its earliest layer and position (blocks
+    before it and positions before it carry nothing), so a late node costs a few blocks over
+    a suffix of the prompt instead of the whole model over the whole prompt.
+    """
     ctx = graph.context
     assert ctx is not None
     tcs, nodes = ctx.transcoders, graph.nodes
@@ -403,27 +411,36 @@ def _graph_residuals(
         items.append([(kind, la, p, int(nodes.feature[i]), float(nodes.activation[i]))])
     if left_out:
         items.append(left_out)
-    out = torch.empty(len(items) + 1, n_pos, d_model, dtype=dtype)
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
+    first_layer = [min(-1 if kind == "token" else la for kind, la, *_ in parts) for parts in items]
+    first_pos = [min(p for _, _, p, *_ in parts) for parts in items]
+    order = sorted(range(len(items)), key=lambda i: (first_layer[i], first_pos[i]))
+    out = torch.zeros(len(items) + 1, n_pos, d_model, dtype=dtype)
+    for begin in range(0, len(order), PROPAGATE_CHUNK):
+        chunk = order[begin : begin + PROPAGATE_CHUNK]
         n = len(chunk)
+        f = min(first_pos[i] for i in chunk)
+        start = min(first_layer[i] for i in chunk) + 1  # 0 when the chunk holds a token row
         writes: dict[int, Tensor] = {}
-        embed = torch.zeros(n, n_pos, d_model, dtype=dtype)
-        for row, parts in enumerate(chunk):
-            for kind, la, p, f, a in parts:
+        embed = torch.zeros(n, n_pos - f, d_model, dtype=dtype) if start == 0 else None
+        for row, i in enumerate(chunk):
+            for kind, la, p, feat, a in items[i]:
                 if kind == "token":
-                    embed[row, p] = ctx.embeddings[p]
+                    assert embed is not None
+                    embed[row, p - f] = ctx.embeddings[p]
                     continue
                 if kind == "error":
                     targets = [(la, ctx.errors[la][p])]
                 else:
-                    targets = [(w, a * tcs.decoder(la, w)[f]) for w in tcs.target_layers(la)]
+                    targets = [(w, a * tcs.decoder(la, w)[feat]) for w in tcs.target_layers(la)]
                 for w, vec in targets:
                     if w < layer:
-                        writes.setdefault(w, torch.zeros(n, n_pos, d_model, dtype=dtype))
-                        writes[w][row, p] += vec
-        res = ctx.linear.forward_residuals(writes=writes, embed=embed, stop=layer)[layer]
-        out[start : start + n] = res
+                        if w not in writes:
+                            writes[w] = torch.zeros(n, n_pos - f, d_model, dtype=dtype)
+                        writes[w][row, p - f] += vec
+        res = ctx.linear.forward_residuals(
+            writes=writes, embed=embed, start=start, stop=layer, first_pos=f
+        )[layer]
+        out[torch.tensor(chunk), f:] = res
     name = f"blocks.{layer}.hook_resid_pre"
     _, captured = ctx.run_zero_nodes(capture=(name,))
     out[-1] = captured[name][0]
