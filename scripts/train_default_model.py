@@ -88,7 +88,7 @@ ARCH = dict(
     rotary_dim=32,
 )
 MODEL_RECIPE = dict(
-    steps=3000,
+    steps=4000,
     batch_size=32,
     lr=2e-3,
     warmup_steps=100,
@@ -101,10 +101,10 @@ MODEL_RECIPE = dict(
 
 _TC_COMMON = dict(
     d_sae=512,
-    activation="relu",
+    activation="jumprelu",
     skip=False,
     loss="relative_mse",
-    sparsity_coefficient=1e-3,
+    sparsity_coefficient=1e-2,
     lr=1e-3,
     batch_tokens=1024,
     n_tokens=1_000_000,
@@ -374,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train on synthetic.SHORT_BLOCKS (3-5 short repeated blocks; experiments)",
     )
+    p.add_argument(
+        "--skip-bigram",
+        type=float,
+        default=None,
+        help="probability of the filler skip-bigram rule (SyntheticConfig.skip_bigram)",
+    )
     p.add_argument("--init", type=Path, default=None, help="start from this model folder")
     p.add_argument("--tc-tokens", type=int, default=None, help="override transcoder n_tokens")
     p.add_argument(
@@ -399,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         data_cfg = replace(SHORT_BLOCKS, n_ctx=arch["n_ctx"])
     if args.block is not None:
         data_cfg = replace(data_cfg, block_len=tuple(args.block))
+    if args.skip_bigram is not None:
+        data_cfg = replace(data_cfg, skip_bigram=args.skip_bigram)
     if args.stage in ("model", "all"):
         metrics = train_model(args.out, arch, recipe, data_cfg, args.init)
         print(json.dumps({k: v for k, v in metrics.items() if k != "log"}, indent=1))

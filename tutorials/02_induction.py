@@ -11,15 +11,15 @@
 # traces that prediction the way the QK-attribution paper traces its "Aunt Sally" example:
 #
 # 1. the **attribution graph** says the answer came from the *earlier* `B` token;
-# 2. **head loadings** name the attention head that carried it there (the induction head);
+# 2. **head loadings** name the attention head that carried it there: the induction head;
 # 3. **QK attribution** shows why that head attended to `B`: its query is the current
-#    token `A`, its key is the "previous token was `A`" signal a layer-0 previous-token head
-#    wrote at `B`'s position (in a clean circuit; the card says what the shipped model has);
+#    token `A`, its key is the "previous token was `A`" signal that the layer-0
+#    previous-token head wrote at `B`'s position;
 # 4. a **QK intervention** removing that key-side signal from the induction head only
 #    removes the induction attention and the prediction.
 #
-# Every claim is checked with an `assert`, and the heads come from the model's card (the
-# training script measured them), not from this text.
+# Every claim is checked with an `assert`. The heads come from the model's card (the
+# training script measured them on held-out data), not from this text.
 
 # %%
 import torch
@@ -36,10 +36,11 @@ model = load_default_model()
 transcoders = load_default_transcoders("per_layer")
 card = default_card()
 prompt = DEFAULT_PROMPTS["induction"]
-prev_layer, prev_head, _ = card["previous_token_head"]
-ind_layer, ind_head, _ = card["induction_head"]
+prev_layer, prev_head, prev_score = card["previous_token_head"]
+ind_layer, ind_head, ind_score = card["induction_head"]
 print(prompt.text, "->", prompt.answer)
-print(f"previous-token head L{prev_layer}H{prev_head}, induction head L{ind_layer}H{ind_head}")
+print(f"previous-token head L{prev_layer}H{prev_head} (score {prev_score:.2f}), "
+      f"induction head L{ind_layer}H{ind_head} (score {ind_score:.2f})")  # fmt: skip
 
 # %% [markdown]
 # ## 1. The graph: the answer came from the earlier token
@@ -63,9 +64,8 @@ print("replacement score:", round(graph.scores().replacement, 3))
 # ## 2. Head loadings: which head carried it
 # That edge crosses every attention layer between the token and the output. Its head
 # loadings split it exactly over the heads of each crossed layer (plus a bypass through the
-# residual stream). In a clean induction circuit the induction head carries most of it;
-# the card records the heads the training script measured and whether the shipped model's
-# heads reach the clean-circuit targets (`circuit_targets_met`).
+# residual stream). The head that moved `B` from its first position to the query is the
+# induction head.
 
 # %%
 loadings = graph.compute_head_loadings([[target, source]])
@@ -75,67 +75,82 @@ for layer, head, value in loadings.top_heads(0, k=3):
 crossed = loadings.crossed[0]
 split = loadings.bypass[0][crossed] + loadings.loadings[0][crossed].sum(-1)
 assert torch.allclose(split, torch.full_like(split, edge), rtol=1e-4, atol=1e-5)  # exact
-# the head that brings the signal to the query position sits in the last layer it crosses
-top_layer = int(crossed.nonzero().max())
-top_head = int(loadings.loadings[0, top_layer].abs().argmax())
-print(f"card: induction head L{ind_layer}H{ind_head}; top head of layer {top_layer}:")
-print(f"  L{top_layer}H{top_head} {float(loadings.loadings[0, top_layer, top_head]):+.3f}")
-print("clean-circuit targets met:", card.get("circuit_targets_met", "not recorded"))
+top_layer, top_head, _ = loadings.top_heads(0, k=1)[0]
+assert (top_layer, top_head) == (ind_layer, ind_head)  # the card's induction head
+share = float(loadings.loadings[0, ind_layer, ind_head]) / edge
+print(f"the induction head carries {share:.0%} of the edge")
+assert share > 0.5
 
 # %% [markdown]
-# ## 3. QK attribution: why that head attended where it did
-# Split that head's score at the query (the last `A`) and the key it attends to most (`B`
-# in a clean induction circuit) into query-side x key-side terms. In the dictionary-free
-# basis the components are the token embedding and each earlier head's and MLP's
-# output at the position that reads them. In a clean induction
-# circuit the top term pairs the query's token embedding with the previous-token head's
-# output at `B` ("the token before me was `A`").
+# ## 3. QK attribution: why the induction head attended to `B`
+# Split the induction head's score at the query (the last `A`) into query-side x key-side
+# terms, in the dictionary-free basis: the components are the token embedding and each
+# earlier head's and MLP's output, at the position that reads them. The head attends to
+# the first `B`, and the top terms pair the query's current-token signal (layer 0's
+# self-attending heads and MLP0 re-write the token `A` at its own position) with the
+# previous-token head's output at `B` ("the token before me was `A`").
 
 # %%
-basis = QKBasis.from_components(model, prompt.text, layer=top_layer)
-qk = QKAttribution.from_basis(basis, head=top_head, query_pos=query_pos)
+basis = QKBasis.from_components(model, prompt.text, layer=ind_layer)
+qk = QKAttribution.from_basis(basis, head=ind_head, query_pos=query_pos)
 key_index = int(qk.pattern.argmax())  # keys are 0..query_pos: the index is the position
-key_pos = key_index
-print(
-    f"attends most to @{key_pos} {tokens[key_pos]!r} ({float(qk.pattern[key_index]):.3f});"
-    " top terms of that score:"
-)
+print(f"attends to @{key_index} {tokens[key_index]!r} ({float(qk.pattern[key_index]):.3f})")
+assert key_index == first_pos
 for term in qk.top_terms(key_index, k=4):
     print(f"  {term.value:+7.3f}  query {qk.label(term.query)}  x  key {qk.label(term.key)}")
 best = qk.top_terms(key_index, k=1)[0]
+assert qk.label(best.key).startswith(f"L{prev_layer}H{prev_head}")  # previous-token head
+key_marginal = qk.key_marginals()[key_index]  # [n_k]: each key component's total
+top_key = int(qk.k_components[key_marginal.argmax()])
+print("largest key-side component:", qk.label(top_key))
+assert top_key == best.key
 _, cache = model.run_with_cache(prompt.text)
-score = cache[f"blocks.{top_layer}.attn.hook_attn_scores"][0, top_head, query_pos, key_pos]
+score = cache[f"blocks.{ind_layer}.attn.hook_attn_scores"][0, ind_head, query_pos, key_index]
 assert abs(float(qk.scores[key_index]) - float(score)) < 1e-3 * max(1.0, abs(float(score)))
 
 # %% [markdown]
-# The same question in the graph's own basis (features, errors, token nodes propagated to
-# the head's layer): the terms sum to the same score.
+# The same question in the graph's own basis (features, errors and token nodes propagated
+# to the head's layer): the terms sum to the same score. The top terms pair the word `A`
+# on both sides. Key side: the token `A` *one position before* `B`, which reached `B`
+# through the previous-token head. Query side: `A` itself, and also its first occurrence,
+# which layer-0 heads attending from the second `A` to the first (duplicate-token heads)
+# carried to the query.
 
 # %%
-graph_qk = QKAttribution.compute(graph, layer=top_layer, head=top_head, query_pos=query_pos)
-top = graph_qk.top_terms(key_index, k=1)[0]
-print(f"{top.value:+.3f}  query {graph_qk.label(top.query)}  x  key {graph_qk.label(top.key)}")
+graph_qk = QKAttribution.compute(graph, layer=ind_layer, head=ind_head, query_pos=query_pos)
+for term in graph_qk.top_terms(key_index, k=3):
+    q_label, k_label = graph_qk.label(term.query), graph_qk.label(term.key)
+    print(f"  {term.value:+7.3f}  query {q_label}  x  key {k_label}")
 assert torch.allclose(graph_qk.scores, qk.scores, rtol=1e-4, atol=1e-4)  # two bases, one score
 
+
+def position(component: int) -> int:
+    return int(graph_qk.table.pos[graph_qk.table.row(component)])
+
+
+top = graph_qk.top_terms(key_index, k=1)[0]
+assert position(top.key) == first_pos - 1  # the first A
+assert tokens[position(top.query)] == tokens[query_pos]  # the word A on the query side
+
 # %% [markdown]
-# ## 4. The QK intervention: remove the top key-side component from that head
-# Scale the top term's key-side component to 0 on the *key side of that head only* (other
-# heads frozen at their clean patterns). The change in the head's score is exactly what the
-# QK terms predict, and the attention moves with it (in a clean induction circuit, removing
-# "previous token was `A`" removes the induction attention and the prediction).
+# ## 4. The QK intervention: remove "previous token was `A`" from the induction head
+# Scale the previous-token head's component to 0 on the *key side of the induction head
+# only* (other heads frozen at their clean patterns). The change in the head's score is
+# exactly what the QK terms predict; the induction attention collapses and the model no
+# longer predicts `B`.
 
 # %%
 component = best.key
-result = intervene_qk(basis, {component: 0.0}, side="k", heads=[top_head])
-before = float(result.clean_patterns[0, query_pos, key_pos])
-after = float(result.patterns[0, query_pos, key_pos])
+result = intervene_qk(basis, {component: 0.0}, side="k", heads=[ind_head])
+before = float(result.clean_patterns[0, query_pos, key_index])
+after = float(result.patterns[0, query_pos, key_index])
 answer_id = int(model.to_tokens(prompt.answer, prepend_bos=False)[0, 0])
 p_before = float(result.clean_logits[-1].softmax(-1)[answer_id])
 p_after = float(result.logits[-1].softmax(-1)[answer_id])
 print(f"removed key component {qk.label(component)}")
-print(f"attention to @{key_pos}: {before:.3f} -> {after:.3f}")
+print(f"attention to @{key_index}: {before:.3f} -> {after:.3f}")
 print(f"P({prompt.answer!r}): {p_before:.3f} -> {p_after:.3f}")
 removed = qk.key_terms(key_index)[:, (qk.k_components == component).nonzero()[0, 0]].sum()
-new_score = float(result.scores[0, query_pos, key_pos])
-assert abs(new_score - (float(qk.scores[key_index]) - float(removed))) < 1e-3
-assert (after < before) == (float(removed) > 0)
+new_score = float(result.scores[0, query_pos, key_index])
+assert abs(new_score - (float(qk.scores[key_index]) - float(removed))) < 1e-3  # predicted
+assert after < 0.2 * before and p_after < 0.1 < p_before

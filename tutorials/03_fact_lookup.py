@@ -76,7 +76,10 @@ assert reads[entity_pos] > 0  # and the entity, brought over by attention
 # %% [markdown]
 # ## Which head brought the entity
 # The entity's edge into the strongest lookup feature crosses the attention layers below
-# it; its head loadings say which head carried it from the entity's position.
+# it; its head loadings say which head carried it from the entity's position. It is not
+# necessarily the card's previous-token head: in the shipped model a layer-0 head that
+# attends to its own position on filler words attends from a relation word to the entity
+# before it, and carries most of this edge (the previous-token head adds a smaller share).
 
 # %%
 top_feature = int(lookup[0])
@@ -93,6 +96,10 @@ split = loadings.bypass[0][crossed] + loadings.loadings[0][crossed].sum(-1)
 assert torch.allclose(split, loadings.edge_values[0].expand_as(split), rtol=1e-4, atol=1e-5)
 prev_layer, prev_head, _ = card["previous_token_head"]
 print(f"(the card's previous-token head: L{prev_layer}H{prev_head})")
+carrier_layer, carrier_head, carried = loadings.top_heads(0, k=1)[0]
+assert carried > 0.5 * float(loadings.edge_values[0])  # one head carries most of it
+pattern = graph.context.frozen[f"blocks.{carrier_layer}.attn.hook_pattern"][0, carrier_head]
+assert int(pattern[entity_pos + 1].argmax()) == entity_pos  # it attends to the entity
 
 # %% [markdown]
 # ## Remove the lookup features

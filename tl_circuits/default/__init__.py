@@ -82,8 +82,8 @@ def _prompts() -> dict[str, DefaultPrompt]:
             text="kana deko Alice lives_in",
             answer=facts["Alice"]["lives_in"],
             description=(
-                "a fact lookup: the previous-token head moves 'Alice' to the 'lives_in' "
-                "position and the MLPs map (entity, relation) to the attribute"
+                "a fact lookup: a layer-0 head moves 'Alice' to the 'lives_in' position "
+                "and MLP0's features map (entity, relation) to the attribute"
             ),
         ),
         DefaultPrompt(

@@ -3,22 +3,26 @@
 A sequence has ``n_ctx`` tokens: ``<bos>`` and then, in random order with random filler
 runs between them,
 
-- several independent **blocks** of ``L`` distinct random filler words (``L`` drawn from
-  ``block_len``, the number of blocks from ``n_blocks``), each followed later by a **copy**
-  of it (induction: ``... A B ... A -> B``); blocks are short, so the token two or more
-  back is random filler and only "the previous token was A" finds the copied word;
+- ``n_blocks`` independent **blocks** of ``L`` distinct random filler words (``L`` drawn
+  from ``block_len``), each followed later by a **copy** of it (induction:
+  ``... A B ... A -> B``);
 - ``n_facts`` **fact statements** ``Entity relation attribute`` from the fixed table
   :func:`fact_table` (distinct entities within a sequence, so each fact is stated once
   and can only be recalled, never copied);
 - ``n_distractors`` entity names at random filler positions, so the fact's entity must be
-  found by position (the token before the relation): this is what makes a sharp
-  previous-token head worth learning early.
+  found by position (the token before the relation);
+- a **skip-bigram rule** on the filler (``skip_bigram``): a filler word is often the fixed
+  successor :func:`skip_successor` of the word *two* back. Predicting it needs "the
+  previous token" at every position, like the local statistics of natural text; this is
+  what grows a clean previous-token head early, which the induction circuit then reuses
+  (without it the model copied through heads attending 3-5 tokens back,
+  docs/default_model.md).
 
 Filler words outside the blocks are drawn from the filler words in no block, so a copy is
 the only repeat of a block word. Position ``p`` of a mask marks the logits at
-``p`` that predict token ``p + 1``; ``loss_mask = copy_mask | fact_mask`` marks the
-predictable positions (a copy's tokens but its last, and the attribute after a
-relation word).
+``p`` that predict token ``p + 1``; ``loss_mask = copy_mask | fact_mask | rule_mask``
+marks the predictable positions (a copy's tokens but its last, the attribute after a
+relation word, and the positions whose next word the rule chose).
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class SyntheticConfig:
     filler tokens (uniform, inclusive): then a key position ``k >= 2`` tokens after the
     block's first token does not exist yet when the copy starts, so a shifted "token k
     back" circuit fails there and only a previous-token (1-back) circuit works everywhere.
+    skip_bigram: probability that a filler word ``x[p]`` (with a filler word two back) is
+    replaced by ``skip_successor(x[p - 2])``, a fixed permutation of the filler words; the
+    position before it then joins the loss (``rule_mask``). Predicting it needs the token
+    one back, everywhere in a sequence — the dense local statistic that makes natural text
+    grow previous-token heads (0 turns the rule off).
     """
 
     n_ctx: int = 64
@@ -69,12 +78,16 @@ class SyntheticConfig:
     min_filler: int = 12
     near_fraction: float = 0.0
     near_gap: tuple[int, int] = (0, 2)
+    skip_bigram: float = 0.5
 
 
-SHORT_BLOCKS = SyntheticConfig(block_len=(2, 6), n_blocks=(3, 5), near_fraction=0.5)
-"""The short-block data shape tried for a clean (1-back) induction circuit: 3-5 repeated
-blocks of 2-6 words, half of the copies right after their block (docs/default_model.md:
-it did not form one; the shipped model is trained on the defaults above)."""
+SHORT_BLOCKS = SyntheticConfig(
+    block_len=(2, 6), n_blocks=(3, 5), near_fraction=0.5, skip_bigram=0.0
+)
+"""A data shape tried for a clean (1-back) induction circuit before the skip-bigram rule:
+3-5 repeated blocks of 2-6 words, half of the copies right after their block
+(docs/default_model.md: it did not form one; the shipped model is trained on the defaults
+above, whose skip-bigram rule did)."""
 
 
 @dataclass(frozen=True)
@@ -87,17 +100,21 @@ class SyntheticBatch:
     blocks: ``[n_blocks, 4]`` one row per repeated block of the whole batch: ``(sequence,
     block_start, copy_start, block_len)``; the first occurrence starts at ``block_start``,
     the copy at ``copy_start``, both ``block_len`` tokens long.
+    rule_mask: ``[batch, pos]`` positions whose next word the skip-bigram rule chose (None
+    when ``skip_bigram`` is 0).
     """
 
     tokens: Int[Tensor, "batch pos"]
     copy_mask: Bool[Tensor, "batch pos"]
     fact_mask: Bool[Tensor, "batch pos"]
     blocks: Int[Tensor, "n_blocks 4"]
+    rule_mask: Bool[Tensor, "batch pos"] | None = None
 
     @property
     def loss_mask(self) -> Bool[Tensor, "batch pos"]:
-        """Positions with a predictable next token (copy or fact answer)."""
-        return self.copy_mask | self.fact_mask
+        """Positions with a predictable next token (copy, fact answer, skip-bigram rule)."""
+        mask = self.copy_mask | self.fact_mask
+        return mask if self.rule_mask is None else mask | self.rule_mask
 
 
 def fact_table() -> dict[str, dict[str, str]]:
@@ -117,6 +134,17 @@ def _fact_ids() -> np.ndarray:
     """``[n_entities, n_relations]`` attribute token ids of :func:`fact_table`."""
     table = fact_table()
     return np.array([[token_id(table[e][r]) for r in RELATIONS] for e in ENTITIES])
+
+
+SKIP_BIGRAM_SEED = 20251121
+"""Seed of the fixed filler permutation of the skip-bigram rule."""
+
+
+def skip_successor() -> dict[int, int]:
+    """The skip-bigram rule ``{filler id: filler id}`` (a fixed random permutation)."""
+    ids = np.array([token_id(w) for w in filler_words()])
+    perm = np.random.default_rng(SKIP_BIGRAM_SEED).permutation(ids)
+    return {int(a): int(b) for a, b in zip(ids, perm)}
 
 
 def _split(rng: np.random.Generator, total: int, parts: int) -> np.ndarray:
@@ -149,6 +177,8 @@ def generate(n: int, seed: int, config: SyntheticConfig | None = None) -> Synthe
     tokens = np.zeros((n, T), dtype=np.int64)
     copy_mask = np.zeros((n, T), dtype=bool)
     fact_mask = np.zeros((n, T), dtype=bool)
+    rule_mask = np.zeros((n, T), dtype=bool)
+    successor = skip_successor() if cfg.skip_bigram > 0 else {}
     blocks: list[tuple[int, int, int, int]] = []
     for b in range(n):
         k = int(rng.integers(cfg.n_facts[0], cfg.n_facts[1] + 1))
@@ -202,14 +232,25 @@ def generate(n: int, seed: int, config: SyntheticConfig | None = None) -> Synthe
         filler_pos.extend(range(len(seq), len(seq) + int(gaps[-1])))
         seq.extend(rng.choice(others, size=int(gaps[-1])))
         k_d = min(cfg.n_distractors, len(filler_pos))
-        for p in rng.choice(filler_pos, size=k_d, replace=False):
+        distractors = rng.choice(filler_pos, size=k_d, replace=False)
+        for p in distractors:
             seq[int(p)] = entity_ids[rng.integers(0, len(ENTITIES))]
+        if cfg.skip_bigram > 0:
+            taken = set(int(w) for w in words)
+            free = sorted(set(filler_pos) - set(int(p) for p in distractors))
+            fire = rng.random(len(free)) < cfg.skip_bigram
+            for p, hit in zip(free, fire):
+                new = successor.get(int(seq[p - 2]), -1) if p >= 2 else -1
+                if hit and new >= 0 and new not in taken:
+                    seq[p] = new
+                    rule_mask[b, p - 1] = True
         tokens[b] = seq
     return SyntheticBatch(
         tokens=torch.from_numpy(tokens),
         copy_mask=torch.from_numpy(copy_mask),
         fact_mask=torch.from_numpy(fact_mask),
         blocks=torch.tensor(blocks, dtype=torch.int64).reshape(-1, 4),
+        rule_mask=torch.from_numpy(rule_mask) if cfg.skip_bigram > 0 else None,
     )
 
 
