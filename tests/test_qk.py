@@ -269,3 +269,21 @@ def test_graph_basis_chunked_propagation_is_exact(
         model,
         attn_cache(model, graph.tokens),
     )
+
+
+@pytest.mark.parametrize("sign", ["both", "positive", "negative"])
+@pytest.mark.parametrize(("n_q", "n_k", "k"), [(50, 40, 10), (3, 200, 7), (200, 3, 25), (4, 4, 16)])
+def test_top_terms_search_equals_a_full_sort(n_q: int, n_k: int, k: int, sign: str) -> None:
+    """The row-pruned top-k of qk._top_flat ranks exactly like a sort of every entry."""
+    from tl_circuits.qk import _top_flat
+
+    gen = torch.Generator().manual_seed(n_q * 1000 + n_k)
+    for trial in range(20):
+        t = torch.randn(n_q, n_k, generator=gen, dtype=F64)
+        if trial % 2:  # concentrate the large entries in a few rows
+            t[torch.randint(0, n_q, (2,), generator=gen)] *= 10
+        key = {"both": t.abs(), "positive": t, "negative": -t}[sign].flatten()
+        expected = key.topk(k).values
+        got = _top_flat(t, k, sign)
+        assert len(set(got.tolist())) == k
+        torch.testing.assert_close(key[got], expected, rtol=0, atol=0)

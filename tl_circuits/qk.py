@@ -258,8 +258,9 @@ class QKAttribution:
         qs, ks, vs, rest = [], [], [], []
         n_k = len(self.k_components)
         for key_index in range(len(self.key_pos)):
-            t = self.key_terms(key_index).flatten()
-            top = t.abs().topk(min(top_k, t.numel())).indices
+            terms = self.key_terms(key_index)
+            top = _top_flat(terms, top_k, "both")
+            t = terms.flatten()
             qs.append(self.q_components[top // n_k])
             ks.append(self.k_components[top % n_k])
             vs.append(t[top])
@@ -318,13 +319,33 @@ def _ids(rows: Tensor, table: ComponentTable) -> Tensor:
     return ids
 
 
-def _ranked(t: Tensor, q_ids: Tensor, k_ids: Tensor, k: int, sign: str) -> list[QKTerm]:
+def _top_flat(t: Tensor, k: int, sign: str) -> Tensor:
+    """Flat indices (into ``t.flatten()``) of the ``k`` largest entries of ``t`` ``[n_q, n_k]``
+    by |value| (``sign="both"``), value (``"positive"``) or -value (``"negative"``), ranked.
+
+    Exact and without a full-size sort or copy: the top ``k`` entries lie in the ``k`` rows
+    whose own largest entry ranks highest (any other row has ``k`` better entries above all
+    of its own), so only those rows are ranked.
+    """
     if sign not in ("both", "positive", "negative"):
         raise QKError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
-    flat = t.flatten()
-    key = {"both": flat.abs(), "positive": flat, "negative": -flat}[sign]
-    order = key.topk(min(k, flat.numel())).indices
-    n_k = t.shape[1]
+    n_q, n_k = t.shape
+    k = min(k, n_q * n_k)
+    if sign == "both":
+        low, high = torch.aminmax(t, dim=1)
+        row_best = torch.maximum(high, -low)
+    else:
+        row_best = t.amax(1) if sign == "positive" else -t.amin(1)
+    rows = row_best.topk(min(k, n_q)).indices
+    sub = t[rows]
+    key = {"both": sub.abs(), "positive": sub, "negative": -sub}[sign]
+    order = key.flatten().topk(k).indices
+    return rows[order // n_k] * n_k + order % n_k
+
+
+def _ranked(t: Tensor, q_ids: Tensor, k_ids: Tensor, k: int, sign: str) -> list[QKTerm]:
+    flat, n_k = t.flatten(), t.shape[1]
+    order = _top_flat(t, k, sign)
     return [
         QKTerm(int(q_ids[f // n_k]), int(k_ids[f % n_k]), float(flat[f])) for f in order.tolist()
     ]
