@@ -1,0 +1,127 @@
+"""Causal block storage of an attribution graph's adjacency (work in progress, issue 3).
+
+A feature node at (layer ``l``, position ``p``) has incoming edges only from features and
+errors of layers ``< l`` at positions ``<= p`` and from tokens at positions ``<= p``; error
+and token nodes have none; a target reads everything. Grouping the rows by (layer,
+position) and storing, per group, a dense ``[rows, sources]`` block over exactly those
+sources keeps about a quarter of the dense ``n_nodes x n_nodes`` matrix.
+
+``CausalAdjacency.from_nodes(kind, layer, pos)`` lays the blocks out for a node table;
+rows are then written with :meth:`set_rows` (dense rows over all columns, as the build's
+reverse passes produce them), and read back with :meth:`to_dense`, :meth:`matvec`,
+:meth:`rmatvec` or :meth:`submatrix`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tl_circuits.graph.nodes import ERROR, FEATURE, TARGET, TOKEN
+
+
+@dataclass
+class RowGroup:
+    """Rows (node indices) sharing one source set ``cols``; ``values[i, j]`` is the edge
+    ``cols[j] -> rows[i]``."""
+
+    rows: Tensor  # [n_rows] long
+    cols: Tensor  # [n_cols] long, ascending
+    values: Tensor  # [n_rows, n_cols]
+
+
+class CausalAdjacency:
+    """``A[target, source]`` stored as row groups with causal source sets (module doc)."""
+
+    def __init__(self, n_nodes: int, groups: list[RowGroup]) -> None:
+        self.n_nodes = n_nodes
+        self.groups = groups
+        self.group_of = torch.full((n_nodes,), -1, dtype=torch.long)
+        self.slot_of = torch.full((n_nodes,), -1, dtype=torch.long)
+        for g, group in enumerate(groups):
+            self.group_of[group.rows] = g
+            self.slot_of[group.rows] = torch.arange(len(group.rows))
+
+    @classmethod
+    def from_nodes(
+        cls,
+        kind: Tensor,
+        layer: Tensor,
+        pos: Tensor,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> CausalAdjacency:
+        """Zero blocks for the nodes ``kind``/``layer``/``pos`` (``[n_nodes]`` each)."""
+        n = len(kind)
+        is_source_layered = (kind == FEATURE) | (kind == ERROR)
+        groups: list[RowGroup] = []
+        feature = (kind == FEATURE).nonzero(as_tuple=True)[0]
+        keys = layer[feature] * (int(pos.max()) + 1 if n else 1) + pos[feature]
+        for key in keys.unique().tolist():
+            rows = feature[keys == key]
+            la, p = int(layer[rows[0]]), int(pos[rows[0]])
+            sources = ((is_source_layered & (layer < la)) | (kind == TOKEN)) & (pos <= p)
+            cols = sources.nonzero(as_tuple=True)[0]
+            groups.append(
+                RowGroup(rows, cols, torch.zeros(len(rows), len(cols), dtype=dtype, device=device))
+            )
+        targets = (kind == TARGET).nonzero(as_tuple=True)[0]
+        if len(targets):
+            cols = (kind != TARGET).nonzero(as_tuple=True)[0]
+            groups.append(
+                RowGroup(
+                    targets, cols, torch.zeros(len(targets), len(cols), dtype=dtype, device=device)
+                )
+            )
+        return cls(n, groups)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.values.numel() * g.values.element_size() for g in self.groups)
+
+    def set_rows(self, rows: Tensor, dense_rows: Tensor) -> None:
+        """Store ``dense_rows`` ``[len(rows), n_nodes]`` (node-ordered columns); entries
+        outside a row's source set must be zero (they are dropped)."""
+        groups = self.group_of[rows]
+        for g in groups.unique().tolist():
+            if g < 0:
+                continue  # error / token rows: no incoming edges
+            mine = (groups == g).nonzero(as_tuple=True)[0]
+            group = self.groups[g]
+            group.values[self.slot_of[rows[mine]]] = dense_rows[mine][:, group.cols]
+
+    def to_dense(self) -> Tensor:
+        like = self.groups[0].values if self.groups else torch.zeros(0)
+        out = like.new_zeros(self.n_nodes, self.n_nodes)
+        for g in self.groups:
+            out[g.rows[:, None], g.cols[None, :]] = g.values
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A @ v`` for ``v`` ``[n_nodes]`` or ``[n_nodes, k]``."""
+        out = v.new_zeros((self.n_nodes, *v.shape[1:]))
+        for g in self.groups:
+            out[g.rows] += g.values @ v[g.cols]
+        return out
+
+    def rmatvec(self, v: Tensor) -> Tensor:
+        """``A.T @ v`` for ``v`` ``[n_nodes]`` or ``[n_nodes, k]``."""
+        out = v.new_zeros((self.n_nodes, *v.shape[1:]))
+        for g in self.groups:
+            out.index_add_(0, g.cols, g.values.T @ v[g.rows])
+        return out
+
+    def submatrix(self, keep: Tensor) -> Tensor:
+        """Dense ``A[keep][:, keep]`` (``keep``: node indices)."""
+        local = torch.full((self.n_nodes,), -1, dtype=torch.long)
+        local[keep] = torch.arange(len(keep))
+        like = self.groups[0].values if self.groups else torch.zeros(0)
+        out = like.new_zeros(len(keep), len(keep))
+        for g in self.groups:
+            r, c = local[g.rows], local[g.cols]
+            rk, ck = (r >= 0).nonzero(as_tuple=True)[0], (c >= 0).nonzero(as_tuple=True)[0]
+            if len(rk) and len(ck):
+                out[r[rk][:, None], c[ck][None, :]] = g.values[rk][:, ck]
+        return out
