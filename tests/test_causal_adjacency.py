@@ -44,3 +44,19 @@ def test_causal_blocks_hold_every_edge(family: str, kind: str) -> None:
         again.set_rows(chunk, dense[chunk])
     torch.testing.assert_close(again.to_dense(), dense, rtol=0, atol=0)
     assert (nodes.kind == FEATURE).any()
+
+
+def test_an_edge_outside_the_causal_set_is_an_error() -> None:
+    # nodes: feature L0 @0, feature L1 @1, error L0 @0, token @0, token @1, target @1
+    kind = torch.tensor([0, 0, 1, 2, 2, 3])
+    layer = torch.tensor([0, 1, 0, -1, -1, 2])
+    pos = torch.tensor([0, 1, 0, 0, 1, 1])
+    adj = CausalAdjacency.from_nodes(kind, layer, pos, dtype=F64)
+    ok = torch.zeros(1, 6, dtype=F64)
+    ok[0, [0, 2, 3, 4]] = 1.0  # L1 @1 reads L0 features/errors and tokens @<=1
+    adj.set_rows(torch.tensor([1]), ok)
+    assert adj.to_dense()[1].tolist() == ok[0].tolist()
+    bad = torch.zeros(1, 6, dtype=F64)
+    bad[0, 4] = 1.0  # L0 @0 reading the token at position 1: acausal
+    with pytest.raises(ValueError, match="outside their causal set"):
+        adj.set_rows(torch.tensor([0]), bad)

@@ -93,7 +93,7 @@ def make_graph(
     ]
     return AttributionGraph(
         nodes=nodes,
-        adjacency=adjacency,
+        edges=adjacency,
         row_values=row_values,
         constants=constants,
         targets=targets,
@@ -189,7 +189,7 @@ def _with_n_nodes(graph: AttributionGraph, adjacency: torch.Tensor) -> Attributi
     nodes = NodeTable(z, z.clone(), torch.arange(n) % len(TOKENS), torch.arange(n), torch.ones(n))
     return AttributionGraph(
         nodes=nodes,
-        adjacency=adjacency,
+        edges=adjacency,
         row_values=torch.zeros(n),
         constants=torch.zeros(n),
         targets=[],
@@ -553,7 +553,7 @@ def test_custom_target_ids_unique():
     adj[n + 1, 1] = 2.0
     big = AttributionGraph(
         nodes=nodes,
-        adjacency=adj,
+        edges=adj,
         row_values=torch.zeros(n + 2),
         constants=torch.zeros(n + 2),
         targets=[t0, t1, t0, direction],

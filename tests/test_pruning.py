@@ -64,7 +64,7 @@ def make_graph(
     ]
     return AttributionGraph(
         nodes=nodes,
-        adjacency=adjacency,
+        edges=adjacency,
         row_values=torch.zeros(n, dtype=dtype),
         constants=torch.zeros(n, dtype=dtype),
         targets=targets,

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_circuits.errors import TLCircuitsError
+from tl_circuits.graph.causal_adjacency import CausalAdjacency
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import (
     ERROR,
@@ -109,6 +110,40 @@ class FeatureEdgeSink:
         """The batch's rows ``[batch, n_cols]`` (a view of the reused buffer)."""
         self.edges[:, : self.n_features].mul_(self.activation)
         return self.edges
+
+
+def _layout(
+    feature_layer: Tensor, feature_pos: Tensor, n_layers: int, n_pos: int, targets: list[Target]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kind, layer and position of every node, in node order: the features (given), errors
+    ``(layer, pos)`` layer-major, tokens, targets (layer ``n_layers``)."""
+    long = dict(dtype=torch.long)
+    n_feat, n_err, n_tgt = len(feature_layer), n_layers * n_pos, len(targets)
+    kind = torch.cat(
+        [
+            torch.full((n_feat,), FEATURE, **long),
+            torch.full((n_err,), ERROR, **long),
+            torch.full((n_pos,), TOKEN, **long),
+            torch.full((n_tgt,), TARGET, **long),
+        ]
+    )
+    layer = torch.cat(
+        [
+            feature_layer,
+            torch.arange(n_layers).repeat_interleave(n_pos),
+            torch.full((n_pos,), -1, **long),
+            torch.full((n_tgt,), n_layers, **long),
+        ]
+    )
+    pos = torch.cat(
+        [
+            feature_pos,
+            torch.arange(n_pos).repeat(n_layers),
+            torch.arange(n_pos),
+            torch.tensor([t.pos for t in targets], **long),
+        ]
+    )
+    return kind, layer, pos
 
 
 def _zero_node_constants(ctx: ReplacementContext) -> tuple[list[Tensor], Tensor]:
@@ -246,15 +281,18 @@ def build_graph(
     )
     with torch.no_grad():
         if budget == n_feat:
-            # every feature is a node: rows are written straight into the node-ordered
-            # adjacency (columns are already in node order), no copies
-            adjacency = torch.zeros(n_cols, n_cols, dtype=dtype, device=device)
-            adjacency[n_cols - n_tgt :] = run_batch(None, target_list)
+            # every feature is a node: columns are already in node order; rows go into
+            # causal blocks (a feature row only has sources in earlier layers at positions
+            # up to its own), about a quarter of the dense matrix
+            kind, layer, pos = _layout(active.layer, active.pos, n_layers, n_pos, target_list)
+            adjacency = CausalAdjacency.from_nodes(kind, layer, pos, dtype, device)
+            target_rows = torch.arange(n_cols - n_tgt, n_cols)
+            adjacency.set_rows(target_rows, run_batch(None, target_list))
             progress.update(n_tgt)
             order = torch.argsort(active.layer, descending=True, stable=True)
             for start in range(0, n_feat, batch_size):
                 idx = order[start : start + batch_size]
-                adjacency[idx] = run_batch(idx, None)
+                adjacency.set_rows(idx, run_batch(idx, None))
                 progress.update(len(idx))
             sel = torch.arange(n_feat)
         else:
@@ -274,7 +312,7 @@ def build_graph(
             adjacency[n_nodes - n_tgt :] = kept[:n_tgt]
             del kept
     progress.close()
-    n_nodes = adjacency.shape[0]
+    n_nodes = adjacency.n_nodes if isinstance(adjacency, CausalAdjacency) else adjacency.shape[0]
 
     constants = torch.zeros(n_nodes, dtype=dtype, device=device)
     row_values = torch.zeros(n_nodes, dtype=dtype, device=device)
@@ -310,7 +348,7 @@ def build_graph(
     )
     return AttributionGraph(
         nodes=nodes,
-        adjacency=adjacency,
+        edges=adjacency,
         row_values=row_values,
         constants=constants,
         targets=target_list,
@@ -417,36 +455,14 @@ def _node_table(
 ) -> NodeTable:
     n_layers, n_pos = ctx.n_layers, ctx.n_pos
     feats = _feature_nodes(active, sel)
-    err_layer = torch.arange(n_layers).repeat_interleave(n_pos)
-    err_pos = torch.arange(n_pos).repeat(n_layers)
     err_norm = torch.stack([ctx.errors[la].norm(dim=-1) for la in range(n_layers)]).reshape(-1)
-    n_err, n_tgt = n_layers * n_pos, len(target_list)
+    n_err = n_layers * n_pos
     long = dict(dtype=torch.long)
+    kind, layer, pos = _layout(feats.layer, feats.pos, n_layers, n_pos, target_list)
     return NodeTable(
-        kind=torch.cat(
-            [
-                feats.kind,
-                torch.full((n_err,), ERROR, **long),
-                torch.full((n_pos,), TOKEN, **long),
-                torch.full((n_tgt,), TARGET, **long),
-            ]
-        ),
-        layer=torch.cat(
-            [
-                feats.layer,
-                err_layer,
-                torch.full((n_pos,), -1, **long),
-                torch.full((n_tgt,), n_layers, **long),
-            ]
-        ),
-        pos=torch.cat(
-            [
-                feats.pos,
-                err_pos,
-                torch.arange(n_pos),
-                torch.tensor([t.pos for t in target_list], **long),
-            ]
-        ),
+        kind=kind,
+        layer=layer,
+        pos=pos,
         feature=torch.cat(
             [
                 feats.feature,

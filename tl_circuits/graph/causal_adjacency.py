@@ -82,15 +82,27 @@ class CausalAdjacency:
         return sum(g.values.numel() * g.values.element_size() for g in self.groups)
 
     def set_rows(self, rows: Tensor, dense_rows: Tensor) -> None:
-        """Store ``dense_rows`` ``[len(rows), n_nodes]`` (node-ordered columns); entries
-        outside a row's source set must be zero (they are dropped)."""
+        """Store ``dense_rows`` ``[len(rows), n_nodes]`` (node-ordered columns).
+
+        Entries outside a row's source set must be zero; a ``ValueError`` says so when
+        they are not (an edge the causal layout cannot hold), instead of dropping them.
+        """
         groups = self.group_of[rows]
+        total = dense_rows.abs().sum()
+        kept = dense_rows.new_zeros(())
         for g in groups.unique().tolist():
             if g < 0:
                 continue  # error / token rows: no incoming edges
             mine = (groups == g).nonzero(as_tuple=True)[0]
             group = self.groups[g]
-            group.values[self.slot_of[rows[mine]]] = dense_rows[mine][:, group.cols]
+            block = dense_rows[mine][:, group.cols]
+            group.values[self.slot_of[rows[mine]]] = block
+            kept += block.abs().sum()
+        if float(total - kept) > 1e-5 * float(total) + 1e-30:
+            raise ValueError(
+                f"rows {rows.tolist()[:8]}... have edges from sources outside their causal "
+                f"set (|dropped| = {float(total - kept):.3g} of {float(total):.3g})"
+            )
 
     def to_dense(self) -> Tensor:
         like = self.groups[0].values if self.groups else torch.zeros(0)

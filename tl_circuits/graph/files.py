@@ -438,7 +438,7 @@ def _decode(tensors: dict[str, Tensor], header: dict[str, Any], source: Path) ->
         head_loadings = _decode_head_loadings(hl_meta, get, n, source)
     return AttributionGraph(
         nodes=nodes,
-        adjacency=adjacency,
+        edges=adjacency,
         row_values=get("row_values"),
         constants=get("constants"),
         targets=targets,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from tl_circuits.graph.causal_adjacency import CausalAdjacency
 from tl_circuits.graph.nodes import (
     KINDS,
     NodeTable,
@@ -37,8 +38,12 @@ class AttributionGraph:
     """Nodes, direct-effect edges and targets of one prompt's local replacement model.
 
     - ``nodes``: :class:`NodeTable`, order features, errors, tokens, targets
+    - ``edges``: the direct effects, a dense ``[n_nodes, n_nodes]`` tensor or a
+      :class:`~tl_circuits.graph.causal_adjacency.CausalAdjacency` (what a full build
+      stores: only the causally possible blocks); ``adjacency`` is always the dense view
     - ``adjacency[t, s]``: direct effect of source node ``s`` on target node ``t``
-      (rows are targets: features' pre-activations and the targets' values)
+      (rows are targets: features' pre-activations and the targets' values); built from
+      ``edges`` on first use and kept
     - ``row_values[t]``: what row ``t`` explains: a feature's pre-activation, a target's
       value; 0 for error and token rows (they have no inputs)
     - ``constants[t]``: the part of ``row_values[t]`` due to biases and other constants,
@@ -55,7 +60,7 @@ class AttributionGraph:
     """
 
     nodes: NodeTable
-    adjacency: Float[Tensor, "n_nodes n_nodes"]
+    edges: Float[Tensor, "n_nodes n_nodes"] | CausalAdjacency
     row_values: Float[Tensor, " n_nodes"]
     constants: Float[Tensor, " n_nodes"]
     targets: list[Target]
@@ -67,6 +72,7 @@ class AttributionGraph:
     context: ReplacementContext | None = field(default=None, repr=False, compare=False)
     #: per-head split of the edges (see the class docstring); None until computed
     head_loadings: HeadLoadings | None = field(default=None, repr=False, compare=False)
+    _dense: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- construction ----------------------------------------------------------------
 
@@ -93,6 +99,15 @@ class AttributionGraph:
         )
 
     # ---- views -----------------------------------------------------------------------
+
+    @property
+    def adjacency(self) -> Float[Tensor, "n_nodes n_nodes"]:
+        """The dense ``A[target, source]`` (materialised from causal blocks on first use)."""
+        if isinstance(self.edges, Tensor):
+            return self.edges
+        if self._dense is None:
+            self._dense = self.edges.to_dense()
+        return self._dense
 
     @property
     def n_nodes(self) -> int:
@@ -122,7 +137,7 @@ class AttributionGraph:
     def with_adjacency(self, adjacency: Tensor) -> AttributionGraph:
         """A copy with ``adjacency`` replaced (``head_loadings`` dropped: they split the
         old edge values)."""
-        return replace(self, adjacency=adjacency, head_loadings=None)
+        return replace(self, edges=adjacency, head_loadings=None)
 
     # ---- head loadings -----------------------------------------------------------------
 

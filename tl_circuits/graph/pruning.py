@@ -183,7 +183,7 @@ def subgraph(graph: AttributionGraph, node_index: Tensor | Sequence[int]) -> Att
     return replace(
         graph,
         nodes=graph.nodes.select(kept.to(graph.nodes.kind.device)),
-        adjacency=graph.adjacency[kept_dev][:, kept_dev],
+        edges=graph.adjacency[kept_dev][:, kept_dev],
         row_values=graph.row_values[kept.to(graph.row_values.device)],
         constants=graph.constants[kept.to(graph.constants.device)],
         targets=list(graph.targets),
@@ -292,7 +292,7 @@ def prune_graph(
     out = subgraph(graph, kept.cpu())
     kept_edges = edge_mask[kept][:, kept]
     out = replace(
-        out, adjacency=torch.where(kept_edges, out.adjacency, torch.zeros_like(out.adjacency))
+        out, edges=torch.where(kept_edges, out.adjacency, torch.zeros_like(out.adjacency))
     )
     out.info["pruned"] = {
         "node_threshold": node_threshold,
