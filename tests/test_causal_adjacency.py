@@ -1,4 +1,4 @@
-"""Causal block storage of the adjacency (issue 3, work in progress): the causal source
+"""Causal block storage of the adjacency: the causal source
 sets hold every edge a real build produces, and the storage reproduces the dense matrix."""
 
 from __future__ import annotations

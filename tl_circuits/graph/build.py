@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_circuits.errors import TLCircuitsError
-from tl_circuits.graph.causal_adjacency import CausalAdjacency
+from tl_circuits.graph.causal_adjacency import CausalAdjacency, causal_groups
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import (
     ERROR,
@@ -163,16 +163,18 @@ def estimate_memory_bytes(
     n_layers: int,
     element_size: int,
     budgeted: bool = False,
+    stored_elements: int | None = None,
 ) -> int:
     """Bytes a build needs beyond the model.
 
-    The row block (``n_rows x n_cols``), one batch's reused buffers (the backward
+    The stored edges (``stored_elements``, the causal blocks of a full build; default the
+    dense ``n_rows x n_cols``), one batch's reused buffers (the backward
     workspace, five ``[pos, batch, d_model]``-sized tensors, and the ``[batch, n_cols]``
     edge rows) and, for a budgeted build, the influence ranking's temporaries and the final
     adjacency. Decoder rows are gathered per (layer, position) group into one small buffer
     and not counted.
     """
-    rows = n_rows * n_cols * element_size
+    rows = (n_rows * n_cols if stored_elements is None else stored_elements) * element_size
     working = batch * (5 * n_pos * d_model + n_cols) * element_size
     extra = 2 * n_rows * n_rows * element_size + 128 * n_cols * element_size if budgeted else 0
     return rows + working + extra
@@ -217,6 +219,10 @@ def build_graph(
     n_cols = n_feat + n_layers * n_pos + n_pos + n_tgt
     budget = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
     dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+    groups = None
+    if budget == n_feat:  # a full graph: edges go into causal blocks
+        layout = _layout(active.layer, active.pos, n_layers, n_pos, target_list)
+        groups = causal_groups(*layout)
     need = estimate_memory_bytes(
         budget + n_tgt,
         n_cols,
@@ -226,6 +232,7 @@ def build_graph(
         n_layers,
         ctx.embeddings.element_size(),
         budgeted=budget < n_feat,
+        stored_elements=None if groups is None else sum(len(r) * len(c) for r, c in groups),
     )
     limit = (
         memory_limit_bytes if memory_limit_bytes is not None else psutil.virtual_memory().available
@@ -284,8 +291,8 @@ def build_graph(
             # every feature is a node: columns are already in node order; rows go into
             # causal blocks (a feature row only has sources in earlier layers at positions
             # up to its own), about a quarter of the dense matrix
-            kind, layer, pos = _layout(active.layer, active.pos, n_layers, n_pos, target_list)
-            adjacency = CausalAdjacency.from_nodes(kind, layer, pos, dtype, device)
+            assert groups is not None
+            adjacency = CausalAdjacency.from_groups(n_cols, groups, dtype, device)
             target_rows = torch.arange(n_cols - n_tgt, n_cols)
             adjacency.set_rows(target_rows, run_batch(None, target_list))
             progress.update(n_tgt)

@@ -1,4 +1,4 @@
-"""Causal block storage of an attribution graph's adjacency (work in progress, issue 3).
+"""Causal block storage of an attribution graph's adjacency.
 
 A feature node at (layer ``l``, position ``p``) has incoming edges only from features and
 errors of layers ``< l`` at positions ``<= p`` and from tokens at positions ``<= p``; error
@@ -54,28 +54,22 @@ class CausalAdjacency:
         device: torch.device | str = "cpu",
     ) -> CausalAdjacency:
         """Zero blocks for the nodes ``kind``/``layer``/``pos`` (``[n_nodes]`` each)."""
-        n = len(kind)
-        is_source_layered = (kind == FEATURE) | (kind == ERROR)
-        groups: list[RowGroup] = []
-        feature = (kind == FEATURE).nonzero(as_tuple=True)[0]
-        keys = layer[feature] * (int(pos.max()) + 1 if n else 1) + pos[feature]
-        for key in keys.unique().tolist():
-            rows = feature[keys == key]
-            la, p = int(layer[rows[0]]), int(pos[rows[0]])
-            sources = ((is_source_layered & (layer < la)) | (kind == TOKEN)) & (pos <= p)
-            cols = sources.nonzero(as_tuple=True)[0]
-            groups.append(
-                RowGroup(rows, cols, torch.zeros(len(rows), len(cols), dtype=dtype, device=device))
-            )
-        targets = (kind == TARGET).nonzero(as_tuple=True)[0]
-        if len(targets):
-            cols = (kind != TARGET).nonzero(as_tuple=True)[0]
-            groups.append(
-                RowGroup(
-                    targets, cols, torch.zeros(len(targets), len(cols), dtype=dtype, device=device)
-                )
-            )
-        return cls(n, groups)
+        return cls.from_groups(len(kind), causal_groups(kind, layer, pos), dtype, device)
+
+    @classmethod
+    def from_groups(
+        cls,
+        n_nodes: int,
+        groups: list[tuple[Tensor, Tensor]],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> CausalAdjacency:
+        """Zero blocks for the ``(rows, cols)`` groups of :func:`causal_groups`."""
+        blocks = [
+            RowGroup(rows, cols, torch.zeros(len(rows), len(cols), dtype=dtype, device=device))
+            for rows, cols in groups
+        ]
+        return cls(n_nodes, blocks)
 
     @property
     def nbytes(self) -> int:
@@ -137,3 +131,24 @@ class CausalAdjacency:
             if len(rk) and len(ck):
                 out[r[rk][:, None], c[ck][None, :]] = g.values[rk][:, ck]
         return out
+
+
+def causal_groups(kind: Tensor, layer: Tensor, pos: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(rows, cols)`` of every row group: the feature rows of each (layer ``l``, position
+    ``p``) with the features and errors of layers ``< l`` and the tokens, at positions
+    ``<= p``; the target rows with every non-target node. Error and token rows have no
+    inputs and no group."""
+    n = len(kind)
+    layered = (kind == FEATURE) | (kind == ERROR)
+    out: list[tuple[Tensor, Tensor]] = []
+    feature = (kind == FEATURE).nonzero(as_tuple=True)[0]
+    keys = layer[feature] * (int(pos.max()) + 1 if n else 1) + pos[feature]
+    for key in keys.unique().tolist():
+        rows = feature[keys == key]
+        la, p = int(layer[rows[0]]), int(pos[rows[0]])
+        sources = ((layered & (layer < la)) | (kind == TOKEN)) & (pos <= p)
+        out.append((rows, sources.nonzero(as_tuple=True)[0]))
+    targets = (kind == TARGET).nonzero(as_tuple=True)[0]
+    if len(targets):
+        out.append((targets, (kind != TARGET).nonzero(as_tuple=True)[0]))
+    return out
