@@ -1,5 +1,7 @@
-"""Causal block storage of the adjacency: the causal source
-sets hold every edge a real build produces, and the storage reproduces the dense matrix."""
+"""Causal block storage of the adjacency: every build on 5 families x 3 transcoder kinds
+fits the causal source sets (``set_rows`` raises on an acausal edge, and G1 in
+test_graph_build checks the stored rows still sum to the pre-activations), the blocks
+reproduce the dense matrix however the rows are written, and an acausal edge is an error."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from conftest import cached_model, cached_transcoders, prompt_tokens
 
 from tl_circuits import AttributionGraph
 from tl_circuits.graph.causal_adjacency import CausalAdjacency
-from tl_circuits.graph.nodes import FEATURE, TARGET
+from tl_circuits.graph.nodes import FEATURE
 from tl_circuits.testing import FAMILIES
 
 F64 = torch.float64
@@ -30,13 +32,6 @@ def test_causal_blocks_hold_every_edge(family: str, kind: str) -> None:
     torch.testing.assert_close(adj.to_dense(), dense, rtol=0, atol=0)
     assert adj.nbytes < 0.6 * dense.numel() * dense.element_size()
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(len(nodes), 3, generator=gen, dtype=F64)
-    torch.testing.assert_close(adj.matvec(v), dense @ v)
-    torch.testing.assert_close(adj.rmatvec(v), dense.T @ v)
-    torch.testing.assert_close(adj.matvec(v[:, 0]), dense @ v[:, 0])
-    keep = torch.randperm(len(nodes), generator=gen)[: len(nodes) // 3].sort().values
-    keep = torch.cat([keep, (nodes.kind == TARGET).nonzero()[:, 0]]).unique()
-    torch.testing.assert_close(adj.submatrix(keep), dense[keep][:, keep], rtol=0, atol=0)
     # rows written in several batches land in the same place
     again = CausalAdjacency.from_nodes(nodes.kind, nodes.layer, nodes.pos, dtype=F64)
     order = torch.randperm(len(nodes), generator=gen)

@@ -302,6 +302,7 @@ def build_graph(
                 adjacency.set_rows(idx, run_batch(idx, None))
                 progress.update(len(idx))
             sel = torch.arange(n_feat)
+            n_nodes = n_cols
         else:
             rows = torch.zeros(n_tgt + budget, n_cols, dtype=dtype, device=device)
             rows[:n_tgt] = run_batch(None, target_list)
@@ -319,7 +320,6 @@ def build_graph(
             adjacency[n_nodes - n_tgt :] = kept[:n_tgt]
             del kept
     progress.close()
-    n_nodes = adjacency.n_nodes if isinstance(adjacency, CausalAdjacency) else adjacency.shape[0]
 
     constants = torch.zeros(n_nodes, dtype=dtype, device=device)
     row_values = torch.zeros(n_nodes, dtype=dtype, device=device)

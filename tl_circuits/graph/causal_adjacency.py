@@ -8,8 +8,7 @@ sources keeps about a quarter of the dense ``n_nodes x n_nodes`` matrix.
 
 ``CausalAdjacency.from_nodes(kind, layer, pos)`` lays the blocks out for a node table;
 rows are then written with :meth:`set_rows` (dense rows over all columns, as the build's
-reverse passes produce them), and read back with :meth:`to_dense`, :meth:`matvec`,
-:meth:`rmatvec` or :meth:`submatrix`.
+reverse passes produce them), and read back with :meth:`to_dense`.
 """
 
 from __future__ import annotations
@@ -103,33 +102,6 @@ class CausalAdjacency:
         out = like.new_zeros(self.n_nodes, self.n_nodes)
         for g in self.groups:
             out[g.rows[:, None], g.cols[None, :]] = g.values
-        return out
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """``A @ v`` for ``v`` ``[n_nodes]`` or ``[n_nodes, k]``."""
-        out = v.new_zeros((self.n_nodes, *v.shape[1:]))
-        for g in self.groups:
-            out[g.rows] += g.values @ v[g.cols]
-        return out
-
-    def rmatvec(self, v: Tensor) -> Tensor:
-        """``A.T @ v`` for ``v`` ``[n_nodes]`` or ``[n_nodes, k]``."""
-        out = v.new_zeros((self.n_nodes, *v.shape[1:]))
-        for g in self.groups:
-            out.index_add_(0, g.cols, g.values.T @ v[g.rows])
-        return out
-
-    def submatrix(self, keep: Tensor) -> Tensor:
-        """Dense ``A[keep][:, keep]`` (``keep``: node indices)."""
-        local = torch.full((self.n_nodes,), -1, dtype=torch.long)
-        local[keep] = torch.arange(len(keep))
-        like = self.groups[0].values if self.groups else torch.zeros(0)
-        out = like.new_zeros(len(keep), len(keep))
-        for g in self.groups:
-            r, c = local[g.rows], local[g.cols]
-            rk, ck = (r >= 0).nonzero(as_tuple=True)[0], (c >= 0).nonzero(as_tuple=True)[0]
-            if len(rk) and len(ck):
-                out[r[rk][:, None], c[ck][None, :]] = g.values[rk][:, ck]
         return out
 
 
