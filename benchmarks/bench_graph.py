@@ -363,29 +363,87 @@ def parse_cases(text: str, budget: int) -> list[tuple[int, int | None]]:
     return cases
 
 
-def longest_prompt(model, tcs, l0: float, budget: int, batch: int, limit: int) -> int:
-    """The longest prompt whose budgeted graph the library estimates to fit in ``limit``."""
+def context_bytes(ctx: ReplacementContext) -> int:
+    """Bytes of the tensors a replacement context holds (each storage counted once).
+
+    The build's own estimate leaves these out (the context exists, and is already counted
+    in the available memory, when the build checks), but a whole-build measurement
+    includes them: at long prompts the logits and the dense per-layer activations are
+    gigabytes.
+    """
+    seen: dict[int, int] = {}
+
+    def visit(v: Any) -> None:
+        if torch.is_tensor(v):
+            st = v.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        elif isinstance(v, (list, tuple)):
+            for t in v:
+                visit(t)
+        elif isinstance(v, dict):
+            for t in v.values():
+                visit(t)
+        elif hasattr(v, "__dict__") and type(v).__module__.startswith("tl_circuits"):
+            for t in vars(v).values():
+                visit(t)
+
+    for k, v in vars(ctx).items():
+        if k not in ("model", "transcoders"):
+            visit(v)
+    return sum(seen.values())
+
+
+def longest_prompt(
+    model: HookedTransformer,
+    make_transcoders,
+    budget: int,
+    batch: int,
+    limit: int,
+    seed: int,
+    step: int = 32,
+) -> tuple[int, dict[int, dict[str, int]]]:
+    """The longest prompt (a multiple of ``step``) whose budgeted build fits in ``limit``.
+
+    Each probed length gets transcoders calibrated at that length and its real number of
+    active features; the need is the build's own estimate plus the context's tensors.
+    Returns the length and the probes ``{n: {active_features, need_bytes}}``.
+    """
     cfg = model.cfg
+    probes: dict[int, dict[str, int]] = {}
 
     def need(n_pos: int) -> int:
-        n_feat = round(l0 * cfg.n_layers * n_pos)
-        n_tgt = 10
-        n_cols = n_feat + cfg.n_layers * n_pos + n_pos + n_tgt
-        rows = min(budget, n_feat) + n_tgt
-        return estimate_memory_bytes(
-            rows, n_cols, n_pos, cfg.d_model, batch, cfg.n_layers, 4, budgeted=True
+        tcs = make_transcoders(n_pos)
+        ctx = ReplacementContext(model, tcs, random_prompt(n_pos, seed))
+        n_feat = len(ctx.active_features())
+        n_cols = n_feat + cfg.n_layers * n_pos + n_pos + 10
+        est = estimate_memory_bytes(
+            min(budget, n_feat) + 10,
+            n_cols,
+            n_pos,
+            cfg.d_model,
+            batch,
+            cfg.n_layers,
+            4,
+            budgeted=True,
         )
+        total = est + context_bytes(ctx)
+        probes[n_pos] = {"active_features": n_feat, "need_bytes": total}
+        print(
+            f"  probe {n_pos} tokens: {n_feat} active features, need {total / GiB:.2f} GiB",
+            flush=True,
+        )
+        return total
 
-    lo, hi = 1, cfg.n_ctx
-    if need(hi) <= limit:
-        return hi
+    lo, hi = 0, cfg.n_ctx // step  # lengths lo*step fit (0: nothing), hi*step unknown
+    if need(hi * step) <= limit:
+        return hi * step, probes
     while lo < hi - 1:
         mid = (lo + hi) // 2
-        if need(mid) <= limit:
+        if need(mid * step) <= limit:
             lo = mid
         else:
             hi = mid
-    return lo
+    return lo * step, probes
 
 
 def top_functions(profiler: cProfile.Profile, n: int = 5) -> list[dict[str, Any]]:
@@ -488,16 +546,23 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if args.longest:
-        probe = random_prompt(32, args.seed)
-        l0 = float(ReplacementContext(model, tcs, probe).reconstruction_stats().l0.mean())
-        n_long = longest_prompt(
-            model, tcs, l0, args.budget, args.batch_size, int(args.limit_gib * GiB)
-        )
         print(
-            f"longest prompt with a {args.budget}-feature budget in {args.limit_gib} GiB "
-            f"(estimated at L0 {l0:.1f}): {n_long} tokens"
+            f"searching the longest prompt whose {args.budget}-feature graph fits in "
+            f"{args.limit_gib} GiB",
+            flush=True,
         )
+        n_long, probes = longest_prompt(
+            model,
+            make_transcoders,
+            args.budget,
+            args.batch_size,
+            int(args.limit_gib * GiB),
+            args.seed,
+        )
+        print(f"longest prompt: {n_long} tokens", flush=True)
         results["longest_tokens"] = n_long
+        results["longest_limit_gib"] = args.limit_gib
+        results["longest_probes"] = {str(k): v for k, v in sorted(probes.items())}
         cases.append((n_long, args.budget))
 
     header = (

@@ -6,11 +6,15 @@ at the traced length). A budgeted graph (default 4,096 features) is built on a 6
 prompt (not timed here: see ``bench_graph.py``); then, at ``--layer`` (default the last,
 where the most nodes write below):
 
-- ``graph basis``: propagating every node to ``resid_pre(layer)`` (``QKBasis.from_graph``,
-  once per layer);
-- ``all heads``: ``QKAttribution.from_basis`` for every head at the last query position and
-  every key (0..63), plus its top-10 terms per key and the sparse top-10 + remainder form;
-- the same for the dictionary-free components basis (no graph needed).
+- ``graph forward``: ``QKBasis.from_graph(..., method="forward")``: every node propagated
+  to ``resid_pre(layer)`` once (``forward table``), then every head at the last query
+  position and every key (0..63), with its top-10 terms per key and the sparse top-10 +
+  remainder form (``all heads``);
+- ``graph reverse``: ``method="reverse"``: reverse passes seeded at one head's query / key
+  map, for one key (``2 x d_head`` seeds) and for every key (``65 x d_head`` seeds);
+- ``graph auto``: the default ``method="auto"`` answering the all-heads question (reverse
+  passes until they would cost more than the forward table, then the table);
+- the same all-heads question in the dictionary-free components basis (no graph needed).
 
 Time and memory per step as in ``bench_graph.measure`` (wall seconds; peak RSS minus RSS
 before). Results go to ``benchmarks/results/qk.json``.
@@ -86,18 +90,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"graph ({len(graph.nodes)} nodes) in {build_s:.1f}s", flush=True)
     query = args.tokens - 1
     steps = {}
-    basis, steps["graph_basis"] = measure(QKBasis.from_graph, graph, layer)
-    n_terms, steps["graph_all_heads"] = measure(all_heads, basis, query)
-    steps["graph_all_heads"]["terms"] = n_terms
-    steps["graph_basis"]["components"] = len(basis.live_rows([query]))
-    del basis
+    forward = QKBasis.from_graph(graph, layer, method="forward")
+    some_row = forward.live_rows([query])[:1]
+    _, steps["graph_forward_table"] = measure(forward.contributions, some_row, [query])
+    n_terms, steps["graph_forward_all_heads"] = measure(all_heads, forward, query)
+    steps["graph_forward_all_heads"]["terms"] = n_terms
+    steps["graph_forward_table"]["components"] = len(forward.live_rows([query]))
+    del forward
+    for name, keys in (("one_key", [query - 1]), ("all_keys", None)):
+        reverse = QKBasis.from_graph(graph, layer, method="reverse")
+        _, steps[f"graph_reverse_{name}"] = measure(
+            QKAttribution.from_basis, reverse, head=0, query_pos=query, key_pos=keys
+        )
+        assert reverse.reverse is not None
+        steps[f"graph_reverse_{name}"]["seeds"] = reverse.reverse.seeds_run
+        del reverse
+    auto = QKBasis.from_graph(graph, layer)
+    n_terms, steps["graph_auto_all_heads"] = measure(all_heads, auto, query)
+    assert auto.reverse is not None
+    steps["graph_auto_all_heads"]["seeds"] = auto.reverse.seeds_run
+    steps["graph_auto_all_heads"]["forward_table"] = auto.reverse.forward_built()
+    del auto
     comp, steps["components_basis"] = measure(QKBasis.from_components, model, tokens, layer)
     n_terms, steps["components_all_heads"] = measure(all_heads, comp, query)
     steps["components_all_heads"]["terms"] = n_terms
     steps["components_basis"]["components"] = len(comp.table)
     for name, step in steps.items():
         print(
-            f"{name:22s} {step['seconds']:8.2f} s  {step['build_memory_bytes'] / 2**20:8.0f} MiB",
+            f"{name:26s} {step['seconds']:8.2f} s  {step['build_memory_bytes'] / 2**20:8.0f} MiB"
+            + (f"  ({step['seeds']} seeds)" if "seeds" in step else ""),
             flush=True,
         )
     result = {

@@ -103,6 +103,69 @@ def test_q1_graph_basis(family: str, kind: str) -> None:
             assert qk.basis == "graph"
 
 
+@pytest.mark.parametrize("kind", ["relu", "clt", "jumprelu_skip"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q1_graph_basis_by_reverse_passes(family: str, kind: str) -> None:
+    """Reverse passes seeded at each head's query / key map (``method="reverse"``) give the
+    same vectors as the forward propagation of every node, so Q1 holds for them too; a
+    budget's left-out features arrive in EXCLUDED exactly; nothing is propagated forward."""
+    full = _graph(family, kind)
+    budget = None if kind != "jumprelu_skip" else full.nodes.count("feature") // 3
+    graph = full if budget is None else _graph(family, kind, max_feature_nodes=budget)
+    model = graph.context.model
+    cache = attn_cache(model, graph.tokens)
+    for layer in range(model.cfg.n_layers):
+        reverse = QKBasis.from_graph(graph, layer, method="reverse")
+        forward = QKBasis.from_graph(graph, layer, method="forward")
+        for head in range(model.cfg.n_heads):
+            by_seeds = QKAttribution.from_basis(reverse, head=head, query_pos=QUERY)
+            check_q1(by_seeds, model, cache)
+            by_rows = QKAttribution.from_basis(forward, head=head, query_pos=QUERY)
+            assert torch.equal(by_seeds.q_components, by_rows.q_components)
+            torch.testing.assert_close(by_seeds.q_vectors, by_rows.q_vectors, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(by_seeds.k_vectors, by_rows.k_vectors, rtol=1e-9, atol=1e-12)
+        assert reverse.reverse is not None and not reverse.reverse.forward_built()
+        group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
+        n_key_heads = model.cfg.n_heads // group  # GQA: key passes shared by a group
+        d_head = model.cfg.d_head
+        expected = (model.cfg.n_heads + n_key_heads * (QUERY + 1)) * d_head
+        assert reverse.reverse.seeds_run == expected
+    if budget is not None:
+        assert EXCLUDED in by_seeds.q_components.tolist()
+        row = by_seeds.q_components.tolist().index(EXCLUDED)
+        assert by_seeds.q_vectors[row].abs().sum() > 0
+
+
+def test_auto_method_switches_to_forward_once_reverse_would_cost_more() -> None:
+    """``method="auto"``: a small question runs reverse passes only; once the seeds would
+    exceed one forward propagation of every node, the forward table answers the rest."""
+    graph = _graph("llama", "relu")
+    model = graph.context.model
+    layer, d_head = 2, model.cfg.d_head
+    basis = QKBasis.from_graph(graph, layer)
+    engine = basis.reverse
+    assert engine is not None and engine.seeds_run == 0 and not engine.forward_built()
+    one = QKAttribution.from_basis(basis, head=0, query_pos=QUERY, key_pos=[4])
+    assert engine.seeds_run == 2 * d_head and not engine.forward_built()
+    n_rows, n_pos = engine.n_forward_rows, len(graph.tokens)
+    n_key_heads = model.cfg.n_key_value_heads or model.cfg.n_heads
+    every_seed = (model.cfg.n_heads + n_key_heads) * n_pos * d_head
+    assert 2 * d_head < n_rows < every_seed  # reverse for everything would cost more
+    for query in range(n_pos):
+        for head in range(model.cfg.n_heads):
+            QKAttribution.from_basis(basis, head=head, query_pos=query)
+    assert engine.forward_built() and engine.seeds_run <= n_rows
+    # cached reverse answers and forward answers agree
+    again = QKAttribution.from_basis(basis, head=0, query_pos=QUERY, key_pos=[4])
+    forward = QKBasis.from_graph(graph, layer, method="forward")
+    ref = QKAttribution.from_basis(forward, head=0, query_pos=QUERY, key_pos=[4])
+    for qk in (one, again):
+        torch.testing.assert_close(qk.q_vectors, ref.q_vectors, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(qk.k_vectors, ref.k_vectors, rtol=1e-9, atol=1e-12)
+    with pytest.raises(QKError, match="method must be"):
+        QKBasis.from_graph(graph, layer, method="sideways")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("jumprelu", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_q1_sae_basis(family: str, jumprelu: bool) -> None:

@@ -78,11 +78,13 @@ def test_q2_key_side(family: str) -> None:
             intervene_qk(basis, {0: 0.0}, side="k", heads=[heads[0]])
 
 
-def test_q2_graph_basis_and_live_mode() -> None:
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_q2_graph_basis_and_live_mode(method: str) -> None:
     model = cached_model("llama", False, F64)
     tcs = cached_transcoders("llama", "relu", False, F64)
     graph = AttributionGraph.build(model, tcs, prompt_tokens(), show_progress=False)
-    basis = QKBasis.from_graph(graph, 1)  # layer 2 lies downstream (live vs frozen)
+    # layer 2 lies downstream (live vs frozen); both ways of computing the vectors
+    basis = QKBasis.from_graph(graph, 1, method=method)  # type: ignore[arg-type]
     qk = QKAttribution.from_basis(basis, head=1, query_pos=QUERIES[1])
     # the two features with the largest query-side totals
     feats = [int(c) for c in qk.q_components if c >= 0 and basis.table.kind[c] == "feature"]
@@ -96,6 +98,7 @@ def test_q2_graph_basis_and_live_mode() -> None:
     torch.testing.assert_close(live.scores, frozen.scores)  # the chosen head's own layer
     assert not torch.equal(live.logits, frozen.logits)
     assert len(live.top_predictions(3)) == 3
+    assert basis.reverse is not None and basis.reverse.forward_built() == (method == "forward")
 
 
 def test_q2_bad_inputs() -> None:

@@ -30,3 +30,8 @@ class PromptError(TLCircuitsError):
 
 class NonFiniteError(TLCircuitsError):
     """A NaN or infinity appeared where a finite value is required."""
+
+
+class QKError(TLCircuitsError):
+    """A QK attribution request is invalid (head, layer or positions out of range, a basis
+    SAE at the wrong hook, ...)."""

@@ -289,12 +289,15 @@ class FrozenLinearModel:
         *,
         n_pos: int | None = None,
         workspace: BackwardWorkspace | None = None,
+        resid_seed: tuple[int, SparseSeeds] | None = None,
     ) -> Tensor:
         """Propagate seeds to the embeddings, reporting each MLP output's gradient.
 
         ``seeds_by_layer[l]``: ``[B, pos, d_model]`` gradient on ``x_in(l)`` (rows whose
         target reads layer ``l``'s transcoder input), or :class:`SparseSeeds` (one vector per
-        row); ``final_seed``: ``[B, pos, d_model]`` gradient on the final norm's output.
+        row); ``final_seed``: ``[B, pos, d_model]`` gradient on the final norm's output;
+        ``resid_seed = (m, seeds)``: a gradient on ``resid_pre(m)`` (what a head of layer
+        ``m`` reads; ``m = 0``: the embeddings), one vector per row.
         ``sink.mlp_out(l, G)`` is called with the gradient on ``mlp_out(l)`` for ``l`` from
         the top layer down. Returns the gradient on the embeddings (residual stream entering
         block 0), ``[B, pos, d_model]``.
@@ -309,27 +312,37 @@ class FrozenLinearModel:
         until its next use.
         """
         dense = [s for s in (*seeds_by_layer.values(), final_seed) if isinstance(s, Tensor)]
-        if not dense and not seeds_by_layer:
+        if not dense and not seeds_by_layer and resid_seed is None:
             raise ValueError("backward needs at least one seed")
+        if final_seed is not None and resid_seed is not None:
+            raise ValueError("backward takes a final seed or a residual seed, not both")
         if n_pos is None:
             n_pos = dense[0].shape[1] if dense else self.n_pos
         if workspace is None:
-            like = dense[0] if dense else next(iter(seeds_by_layer.values())).vector  # type: ignore[union-attr]
+            sparse = [*seeds_by_layer.values(), *([] if resid_seed is None else [resid_seed[1]])]
+            like = dense[0] if dense else sparse[0].vector  # type: ignore[union-attr]
             workspace = BackwardWorkspace(self, batch, n_pos, like.dtype, like.device)
         g, gx, tmp, heads_a, heads_b = workspace.views(batch, n_pos)
         g_view = g.transpose(0, 1)  # [B, pos, d_model] for sinks and the caller
+        resid_layer = -1 if resid_seed is None else resid_seed[0]
         if final_seed is not None:
             g_view.copy_(final_seed)
             _norm_adjoint_(self.ln_final, g)
             top = self.n_layers - 1
         else:
             g.zero_()
-            top = max(seeds_by_layer)
+            top = max([*seeds_by_layer, resid_layer - 1])
+        live = final_seed is not None  # False while g is still exactly zero
         on_attn_out = getattr(sink, "attn_out", None)
         for layer in range(top, -1, -1):
             block = self.blocks[layer]
-            if final_seed is not None or layer < top:  # else g is still exactly zero
+            if layer == resid_layer - 1:  # resid_pre(layer + 1) is resid_post(layer)
+                assert resid_seed is not None
+                resid_seed[1].add_to_(g)
+                live = True
+            if live:
                 sink.mlp_out(layer, g_view)
+            live = True
             seed = seeds_by_layer.get(layer)
             has_gx = block.W_skip is not None or seed is not None
             if block.W_skip is not None:
@@ -356,6 +369,9 @@ class FrozenLinearModel:
                     on_attn_out(layer, g_view)
                 block.attn_adjoint_into(g, tmp, heads_a, heads_b)
                 g.add_(tmp)
+        if resid_layer == 0:  # a seed on the embeddings themselves
+            assert resid_seed is not None
+            resid_seed[1].add_to_(g)
         return g_view
 
     def forward_residuals(

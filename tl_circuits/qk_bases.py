@@ -32,26 +32,22 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_circuits.errors import TLCircuitsError, UnsupportedArchitectureError
+from tl_circuits.errors import QKError, UnsupportedArchitectureError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TOKEN
 from tl_circuits.linear import FrozenNorm, _frozen_norm
 from tl_circuits.prompt import Prompt, to_tokens
+from tl_circuits.qk_reverse import Method, ReverseHeadVectors
 from tl_circuits.typing import Int, typechecked
 
 BIAS = -1  #: component id of the bias term (the last row of a basis table)
 EXCLUDED = -2  #: component id of the features left out by a budget (graph basis)
-Side = Literal["q", "k"]
+Side = Literal["q", "k"]  # the same as tl_circuits.qk_reverse.Side
 #: rows projected at once (bounds the ``[chunk, positions, d_model]`` temporaries)
 CHUNK = 512
 PROPAGATE_CHUNK = 64
 """Rows per forward propagation of graph nodes (small, so each chunk spans few positions
 and its causal suffix stays short)."""
-
-
-class QKError(TLCircuitsError):
-    """A QK attribution request is invalid (head, layer or positions out of range, a basis
-    SAE at the wrong hook, ...)."""
 
 
 @typechecked
@@ -125,6 +121,8 @@ class QKBasis:
     at those positions (always with the bias row). ``frozen``: the clean run's ln1 scale
     ``[pos, 1]`` and QK-norm scales ``[pos, n_heads]`` / ``[pos, n_key_value_heads]``
     (keys ``"ln1"``, ``"q_norm"``, ``"k_norm"``), the values the projection freezes.
+    ``reverse`` (graph basis): answers :meth:`project` by reverse passes seeded at the
+    head's query / key map when that is cheaper (see :meth:`from_graph`).
     """
 
     model: HookedTransformer
@@ -135,18 +133,35 @@ class QKBasis:
     frozen: dict[str, Tensor]
     contributions: Contributions
     live_rows: LiveRows
+    reverse: ReverseHeadVectors | None = None
 
     # ---- constructors ------------------------------------------------------------------
 
     @classmethod
-    def from_graph(cls, graph: AttributionGraph, layer: int) -> QKBasis:
+    def from_graph(cls, graph: AttributionGraph, layer: int, *, method: Method = "auto") -> QKBasis:
         """Graph-node basis: nodes writing below ``layer`` (propagated through the frozen
-        replacement model, attention and norm scales frozen), ``EXCLUDED`` and ``BIAS``."""
+        replacement model, attention and norm scales frozen), ``EXCLUDED`` and ``BIAS``.
+
+        Two exact ways to get a head's vectors of every node, chosen by ``method``:
+
+        - ``"forward"``: propagate every node's write to ``resid_pre(layer)`` once (about
+          one row per node; :func:`_graph_residuals`), shared by every head and position;
+        - ``"reverse"``: one reverse pass per query / key dimension and position asked for
+          (``d_head`` rows per position; :mod:`tl_circuits.qk_reverse`), cached;
+        - ``"auto"`` (default): reverse while the seeds run stay within the forward
+          propagation's row count, then the forward table for everything after; one head
+          at a few positions costs a few reverse passes, all heads of a layer one forward
+          propagation (plus at most as much again spent before switching).
+
+        Nothing is computed until :meth:`project` (or :attr:`contributions`) asks.
+        """
         ctx = graph.context
         if ctx is None:
             raise QKError("this graph has no replacement context (loaded from disk?); rebuild it")
+        if method not in ("auto", "forward", "reverse"):
+            raise QKError(f"method must be 'auto', 'forward' or 'reverse', got {method!r}")
         _check_layer(ctx.model, layer)
-        return _graph_basis(graph, layer)
+        return _graph_basis(graph, layer, method)
 
     @classmethod
     def from_sae(cls, model: HookedTransformer, prompt: Prompt, sae: Any, layer: int) -> QKBasis:
@@ -192,41 +207,59 @@ class QKBasis:
         """
         chunks = rows.split(CHUNK)
         out = [
-            self._project_chunk(head, chunk, list(positions), side, finish)
+            self._project_chunk(head, chunk, list(positions), side, finish, show_progress)
             for chunk in tqdm(chunks, desc=f"QK {side} vectors", disable=not show_progress)
         ]
         return torch.cat(out) if out else self._project_chunk(head, rows, positions, side, finish)
 
     def _project_chunk(
-        self, head: int, rows: Tensor, positions: Sequence[int], side: Side, finish: bool
+        self,
+        head: int,
+        rows: Tensor,
+        positions: Sequence[int],
+        side: Side,
+        finish: bool,
+        show_progress: bool = False,
     ) -> Tensor:
         block = self.model.blocks[self.layer]
         attn = block.attn
+        cfg = self.model.cfg
         pos = torch.as_tensor(list(positions), dtype=torch.long)
-        resid = self.contributions(rows, positions)  # [n, P, d_model]
-        if "ln1" in self.frozen:
-            ln1: FrozenNorm = _frozen_norm(block.ln1, self.frozen["ln1"][pos])
-            y = ln1.forward_linear(resid)
-        else:  # no normalisation (normalization_type=None)
-            y = resid.clone()
-        is_bias = rows == len(self.table) - 1
-        ln_bias = getattr(block.ln1, "b", None)
-        if ln_bias is not None:
-            y[is_bias] = y[is_bias] + ln_bias.detach()
+        side_head = _side_head(cfg, head, side)
+        # TransformerLens expands W_K / b_K to every query head under GQA: index by ``head``
         W = (attn.W_Q if side == "q" else attn.W_K)[head].detach()  # [d_model, d_head]
         b = (attn.b_Q if side == "q" else attn.b_K)[head].detach()
-        vec = y @ W
-        vec[is_bias] = vec[is_bias] + b
+        is_bias = rows == len(self.table) - 1
+        vec = None
+        if self.reverse is not None:
+            vec = self.reverse.vectors(side, side_head, W, rows, positions, show_progress)
+        if vec is None:  # project the residual contributions
+            vec = self._project_residual(rows, positions, W)
+        elif is_bias.any():  # the reverse passes leave the bias row to the residual
+            vec[is_bias] = self._project_residual(rows[is_bias], positions, W)
+        ln_bias = getattr(block.ln1, "b", None)
+        bias = b if ln_bias is None else ln_bias.detach() @ W + b
+        vec[is_bias] = vec[is_bias] + bias
         if not finish:
             return vec
-        cfg = self.model.cfg
         if cfg.use_qk_norm:
             norm = attn.q_norm if side == "q" else attn.k_norm
-            scale = self.frozen[f"{side}_norm"][pos, _side_head(cfg, head, side)]  # [P]
+            scale = self.frozen[f"{side}_norm"][pos, side_head]  # [P]
             vec = vec / scale[None, :, None] * norm.w.detach()
         if cfg.positional_embedding_type == "rotary":
             vec = _rotary(attn, vec, pos)
         return vec
+
+    def _project_residual(self, rows: Tensor, positions: Sequence[int], W: Tensor) -> Tensor:
+        """``ln1(x) @ W`` (frozen scale, no bias) of the contributions ``x`` of ``rows``."""
+        resid = self.contributions(rows, positions)  # [n, P, d_model]
+        if "ln1" in self.frozen:
+            pos = torch.as_tensor(list(positions), dtype=torch.long)
+            ln1: FrozenNorm = _frozen_norm(
+                self.model.blocks[self.layer].ln1, self.frozen["ln1"][pos]
+            )
+            resid = ln1.forward_linear(resid)
+        return resid @ W
 
 
 def _side_head(cfg: Any, head: int, side: Side) -> int:
@@ -300,7 +333,7 @@ def _capture(model: HookedTransformer, tokens: Tensor, names: Sequence[str]) -> 
 # ---- graph basis ------------------------------------------------------------------------
 
 
-def _graph_basis(graph: AttributionGraph, layer: int) -> QKBasis:
+def _graph_basis(graph: AttributionGraph, layer: int, method: Method) -> QKBasis:
     ctx = graph.context
     assert ctx is not None
     nodes = graph.nodes
@@ -311,7 +344,6 @@ def _graph_basis(graph: AttributionGraph, layer: int) -> QKBasis:
     left_out = _left_out(graph, layer)
     special = torch.tensor(([n_nodes] if left_out else []) + [n_nodes + 1])
     rows = torch.cat([live, special])
-    residual = _graph_residuals(graph, layer, live, left_out)  # [len(rows), pos, d]
     slot = torch.full((n_nodes + 2,), -1, dtype=torch.long)
     slot[rows] = torch.arange(len(rows))
     table_rows = [
@@ -329,27 +361,47 @@ def _graph_basis(graph: AttributionGraph, layer: int) -> QKBasis:
         ("bias", -1, -1, -1, "bias (all constants of the model)"),
     ]
     pos_of_row = torch.cat([node_pos, torch.tensor([-1, -1])])
+    name = f"blocks.{layer}.hook_resid_pre"
+    _, captured = ctx.run_zero_nodes(capture=(name,))
+    bias = captured[name][0]  # [pos, d_model]: every constant of the model
+    forward: list[Tensor] = []  # the forward table [len(rows), pos, d], built on first need
 
     def contributions(r: Tensor, positions: Sequence[int]) -> Tensor:
         s = slot[r]
         if (s < 0).any():
             raise QKError(f"components {r[s < 0].tolist()} do not write below layer {layer}")
-        return residual[s][:, list(positions)]
+        pos = list(positions)
+        if bool((r == n_nodes + 1).all()):  # the bias alone needs no propagation
+            return bias[pos].expand(len(r), -1, -1).clone()
+        if not forward:
+            forward.append(_graph_residuals(graph, layer, live, left_out, bias))
+        return forward[0][s][:, pos]
 
     def live_rows(positions: Sequence[int]) -> Tensor:
         last = max(positions)
         p = pos_of_row[rows]
         return rows[(p <= last) | (p < 0)]  # causal: a node reaches only later positions
 
+    frozen = _frozen_scales(ctx.frozen, ctx.model, layer)
+    reverse = ReverseHeadVectors(
+        graph,
+        layer,
+        frozen.get("ln1"),
+        rows=rows,
+        method=method,
+        n_forward_rows=len(rows),
+        forward_built=lambda: bool(forward),
+    )
     return QKBasis(
         model=ctx.model,
         tokens=ctx.tokens,
         layer=layer,
         name="graph",
         table=_table(table_rows),
-        frozen=_frozen_scales(ctx.frozen, ctx.model, layer),
+        frozen=frozen,
         contributions=contributions,
         live_rows=live_rows,
+        reverse=reverse,
     )
 
 
@@ -388,11 +440,12 @@ def _left_out(graph: AttributionGraph, layer: int) -> list[Item]:
 
 
 def _graph_residuals(
-    graph: AttributionGraph, layer: int, live: Tensor, left_out: list[Item]
+    graph: AttributionGraph, layer: int, live: Tensor, left_out: list[Item], bias: Tensor
 ) -> Tensor:
     """Contributions ``[len(live) + bool(left_out) + 1, pos, d_model]`` to
-    ``resid_pre(layer)`` of the ``live`` nodes, the ``left_out`` ones together, and the bias
-    (last), propagated by :meth:`FrozenLinearModel.forward_residuals`.
+    ``resid_pre(layer)`` of the ``live`` nodes, the ``left_out`` ones together, and the
+    ``bias`` ``[pos, d_model]`` (last), propagated by
+    :meth:`FrozenLinearModel.forward_residuals`.
 
     Rows are sorted by (first layer written, first position) and propagated in chunks of
     :data:`PROPAGATE_CHUNK`; a chunk starts at its earliest layer and position (blocks
@@ -441,9 +494,7 @@ def _graph_residuals(
             writes=writes, embed=embed, start=start, stop=layer, first_pos=f
         )[layer]
         out[torch.tensor(chunk), f:] = res
-    name = f"blocks.{layer}.hook_resid_pre"
-    _, captured = ctx.run_zero_nodes(capture=(name,))
-    out[-1] = captured[name][0]
+    out[-1] = bias
     return out
 
 

@@ -133,6 +133,28 @@ assert position(top.key) == first_pos - 1  # the first A
 assert tokens[position(top.query)] == tokens[query_pos]  # the word A on the query side
 
 # %% [markdown]
+# ### Two exact ways to get the graph basis
+# Each node's query (key) vector is its write, carried through the frozen model to the
+# head's layer and read through ln1, `W_Q` (`W_K`), QK-norm and rotary. `QKBasis.from_graph`
+# can get it *forward* (propagate every node once; shared by every head and position) or
+# *in reverse* (one reverse pass per query/key dimension and position asked about, which
+# reads every node at once). `method="auto"` (the default) runs reverse passes while they are
+# cheaper than one forward propagation and switches to it after. One question about one head
+# and one key is `2 x d_head` reverse passes; both ways give the same vectors.
+
+# %%
+by_seeds = QKBasis.from_graph(graph, ind_layer, method="reverse")
+by_rows = QKBasis.from_graph(graph, ind_layer, method="forward")
+one_key = dict(head=ind_head, query_pos=query_pos, key_pos=[first_pos])
+qk_reverse = QKAttribution.from_basis(by_seeds, **one_key)
+qk_forward = QKAttribution.from_basis(by_rows, **one_key)
+n_rows = len(by_rows.live_rows([query_pos]))
+print(f"reverse: {by_seeds.reverse.seeds_run} seeds; forward: {n_rows} rows")
+assert torch.allclose(qk_reverse.k_vectors, qk_forward.k_vectors, atol=1e-4)
+assert torch.allclose(qk_reverse.scores, qk_forward.scores, atol=1e-4)
+assert by_seeds.reverse.seeds_run == 2 * model.cfg.d_head
+
+# %% [markdown]
 # ## 4. The QK intervention: remove "previous token was `A`" from the induction head
 # Scale the previous-token head's component to 0 on the *key side of the induction head
 # only* (other heads frozen at their clean patterns). The change in the head's score is
