@@ -55,3 +55,32 @@ def test_an_edge_outside_the_causal_set_is_an_error() -> None:
     bad[0, 4] = 1.0  # L0 @0 reading the token at position 1: acausal
     with pytest.raises(ValueError, match="outside their causal set"):
         adj.set_rows(torch.tensor([0]), bad)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "pythia"])
+def test_pruning_scores_and_files_work_on_the_blocks(family: str, tmp_path) -> None:
+    """Pruning, scores, subgraphs and saving a full graph read its causal blocks group by
+    group: the dense matrix is never built, and every result equals the dense path's."""
+    from tl_circuits.graph.pruning import subgraph
+
+    model = cached_model(family, False, F64)
+    tcs = cached_transcoders(family, "clt", False, F64)
+    graph = AttributionGraph.build(model, tcs, prompt_tokens(), show_progress=False)
+    assert isinstance(graph.edges, CausalAdjacency)
+    pruned = graph.prune(node_threshold=0.7, edge_threshold=0.95)
+    scores = graph.scores()
+    some = subgraph(graph, torch.arange(0, graph.n_nodes, 3))
+    path = graph.save(tmp_path / "g")
+    assert graph._dense is None  # none of the above made the dense view
+    dense = graph.with_adjacency(graph.edges.to_dense())
+    assert isinstance(dense.edges, torch.Tensor)
+    reference = dense.prune(node_threshold=0.7, edge_threshold=0.95)
+    assert pruned.info["pruned"] == reference.info["pruned"]
+    assert torch.equal(pruned.adjacency, reference.adjacency)
+    assert (pruned.adjacency != 0).sum() > 0 and len(pruned.nodes) < len(graph.nodes)
+    ref_scores = dense.scores()
+    assert scores.replacement == pytest.approx(ref_scores.replacement, rel=1e-12)
+    assert scores.completeness == pytest.approx(ref_scores.completeness, rel=1e-12)
+    assert torch.equal(some.adjacency, subgraph(dense, torch.arange(0, graph.n_nodes, 3)).adjacency)
+    loaded = AttributionGraph.load(path)
+    assert torch.equal(loaded.adjacency, dense.adjacency)

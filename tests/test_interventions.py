@@ -33,10 +33,13 @@ def test_constrained_zeroing_moves_targets_by_minus_the_edge(family: str, kind: 
     feats = graph.indices("feature")
     strongest = feats[graph.adjacency[targets][:, feats].abs().sum(0).argsort(descending=True)]
     for s in strongest[:5].tolist():
-        la, p, f = (int(graph.nodes.layer[s]), int(graph.nodes.pos[s]),
-                    int(graph.nodes.feature[s]))
-        result = intervene(ctx, [FeatureIntervention.zero(la, f, p)], freeze_attention=True,
-                           constrained=(la, ctx.n_layers - 1))
+        la, p, f = (int(graph.nodes.layer[s]), int(graph.nodes.pos[s]), int(graph.nodes.feature[s]))
+        result = intervene(
+            ctx,
+            [FeatureIntervention.zero(la, f, p)],
+            freeze_attention=True,
+            constrained=(la, ctx.n_layers - 1),
+        )
         moved = target_values(graph.targets, result.final_normalized) - base
         expected = -graph.adjacency[targets, s]
         torch.testing.assert_close(moved, expected, rtol=1e-6, atol=1e-9)
@@ -83,8 +86,9 @@ def test_steered_generation(family: str) -> None:
             tokens = torch.cat([tokens, model(tokens[None])[0, -1].argmax().view(1)])
     assert torch.equal(plain, tokens)
     # a strong intervention at every position changes what is generated
-    steered = steered_generate(model, tcs, prompt, [FeatureIntervention(1, 3, value=200.0)],
-                               max_new_tokens=6)
+    steered = steered_generate(
+        model, tcs, prompt, [FeatureIntervention(1, 3, value=200.0)], max_new_tokens=6
+    )
     assert not torch.equal(steered, plain)
     assert torch.equal(steered[:6], prompt)
 

@@ -124,3 +124,37 @@ def causal_groups(kind: Tensor, layer: Tensor, pos: Tensor) -> list[tuple[Tensor
     if len(targets):
         out.append((targets, (kind != TARGET).nonzero(as_tuple=True)[0]))
     return out
+
+
+def row_groups(edges: Tensor | CausalAdjacency) -> list[RowGroup]:
+    """The edges as row groups: a :class:`CausalAdjacency`'s own blocks, or a dense
+    ``[n, n]`` matrix as one group over every row and column (no copy). Index tensors are
+    on the values' device."""
+    if isinstance(edges, CausalAdjacency):
+        return [
+            RowGroup(g.rows.to(g.values.device), g.cols.to(g.values.device), g.values)
+            for g in edges.groups
+        ]
+    every = torch.arange(edges.shape[0], device=edges.device)
+    return [RowGroup(every, every, edges)]
+
+
+def dense_submatrix(
+    groups: list[RowGroup], n_nodes: int, index: Tensor, masks: list[Tensor] | None = None
+) -> Tensor:
+    """The dense ``[len(index), len(index)]`` block ``A[index][:, index]`` of the edges held
+    in ``groups`` (``index`` ascending, without repeats); with ``masks`` (one bool per
+    group value), entries where the mask is False are 0."""
+    like = groups[0].values if groups else torch.zeros(0)
+    index = index.to(like.device)
+    slot = torch.full((n_nodes,), -1, dtype=torch.long, device=like.device)
+    slot[index] = torch.arange(len(index), device=like.device)
+    out = like.new_zeros(len(index), len(index))
+    for i, g in enumerate(groups):
+        r, c = slot[g.rows], slot[g.cols]
+        keep_r, keep_c = (r >= 0).nonzero()[:, 0], (c >= 0).nonzero()[:, 0]
+        if len(keep_r) == 0 or len(keep_c) == 0:
+            continue
+        values = g.values if masks is None else torch.where(masks[i], g.values, 0)
+        out[r[keep_r][:, None], c[keep_c][None, :]] = values[keep_r][:, keep_c]
+    return out

@@ -77,6 +77,7 @@ import torch
 from torch import Tensor
 
 from tl_circuits.errors import NonFiniteError, TLCircuitsError
+from tl_circuits.graph.causal_adjacency import CausalAdjacency, row_groups
 from tl_circuits.graph.nodes import ERROR, FEATURE, KINDS, TARGET, TOKEN, NodeTable, Target
 
 if TYPE_CHECKING:
@@ -216,24 +217,32 @@ def _encode(graph: AttributionGraph) -> tuple[dict[str, Tensor], dict[str, Any]]
     for i, t in enumerate(graph.targets):
         tensors[f"targets.{i}.vector"] = t.vector
 
-    adj = graph.adjacency.detach().cpu()
-    n = int(adj.shape[0])
-    stored = (adj != 0) | torch.signbit(adj) if adj.is_floating_point() else adj != 0
-    flat_index = stored.reshape(-1).nonzero().squeeze(1)
+    # stored entries (nonzero, or -0.0) read group by group: a full build's causal blocks
+    # are never made dense unless the dense layout is the smaller file
+    n = graph.n_nodes
+    indices, values = [], []
+    for g in row_groups(graph.edges):
+        v = g.values.detach().cpu()
+        stored = (v != 0) | torch.signbit(v) if v.is_floating_point() else v != 0
+        r, c = stored.nonzero(as_tuple=True)
+        indices.append(g.rows.cpu()[r] * n + g.cols.cpu()[c])
+        values.append(v[r, c])
+    flat_index, order = torch.sort(torch.cat(indices))
+    dtype = graph.row_values.dtype if not values else values[0].dtype
     nnz = int(flat_index.numel())
-    esize = adj.element_size()
+    esize = torch.empty((), dtype=dtype).element_size()
     if nnz * (8 + esize) < n * n * esize:
         layout = "sparse"
         tensors["adjacency.index"] = flat_index
-        tensors["adjacency.values"] = adj.reshape(-1)[flat_index]
+        tensors["adjacency.values"] = torch.cat(values)[order]
     else:
         layout = "dense"
-        tensors["adjacency"] = adj
+        tensors["adjacency"] = graph.adjacency.detach().cpu()
 
     header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "adjacency": {"layout": layout, "shape": [n, n], "dtype": _dtype_name(adj.dtype)},
+        "adjacency": {"layout": layout, "shape": [n, n], "dtype": _dtype_name(dtype)},
         "targets": [
             {
                 "kind": t.kind,
@@ -272,10 +281,11 @@ def _check_graph(graph: AttributionGraph) -> None:
                     f"graph.{prefix}.{col} must be a 1-d tensor of length "
                     f"{m}, got {getattr(v, 'shape', type(v))}"
                 )
-    if graph.adjacency.ndim != 2 or tuple(graph.adjacency.shape) != (n, n):
+    edges = graph.edges
+    shape = (edges.n_nodes,) * 2 if isinstance(edges, CausalAdjacency) else tuple(edges.shape)
+    if shape != (n, n):
         raise TLCircuitsError(
-            f"graph.adjacency must be [{n}, {n}] (one row and column per "
-            f"node), got {tuple(graph.adjacency.shape)}"
+            f"graph.adjacency must be [{n}, {n}] (one row and column per node), got {shape}"
         )
     for name in ("row_values", "constants"):
         v = getattr(graph, name)

@@ -40,7 +40,9 @@ class AttributionGraph:
     - ``nodes``: :class:`NodeTable`, order features, errors, tokens, targets
     - ``edges``: the direct effects, a dense ``[n_nodes, n_nodes]`` tensor or a
       :class:`~tl_circuits.graph.causal_adjacency.CausalAdjacency` (what a full build
-      stores: only the causally possible blocks); ``adjacency`` is always the dense view
+      stores: only the causally possible blocks); ``adjacency`` is always the dense view.
+      Pruning, scores, subgraphs and :meth:`save` read ``edges`` block by block and never
+      build the dense view; it is built (and kept) only when something reads ``adjacency``
     - ``adjacency[t, s]``: direct effect of source node ``s`` on target node ``t``
       (rows are targets: features' pre-activations and the targets' values); built from
       ``edges`` on first use and kept
@@ -119,7 +121,7 @@ class AttributionGraph:
 
     def target_weights(self) -> Float[Tensor, " n_targets"]:
         """Weights of the targets in influence computations, summing to 1."""
-        return normalized_target_weights(self.targets, self.adjacency.dtype)
+        return normalized_target_weights(self.targets, self.row_values.dtype)
 
     def node_label(self, index: int) -> str:
         """A short human-readable label for node ``index``."""

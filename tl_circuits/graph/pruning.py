@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from tl_circuits.errors import NonFiniteError, TLCircuitsError
+from tl_circuits.graph.causal_adjacency import RowGroup, dense_submatrix, row_groups
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TARGET
 from tl_circuits.typing import Float, Int, typechecked
@@ -63,9 +64,14 @@ def normalized_abs(adjacency: Float[Tensor, "n_nodes n_nodes"]) -> Float[Tensor,
 
     Each row is first scaled by its largest entry, so rows of huge values do not overflow.
     """
-    if not bool(torch.isfinite(adjacency).all()):
+    return _normalize_rows(adjacency)
+
+
+def _normalize_rows(values: Tensor) -> Tensor:
+    """:func:`normalized_abs` of a block holding every nonzero entry of its rows."""
+    if not bool(torch.isfinite(values).all()):
         raise NonFiniteError("the adjacency matrix has NaN or infinite entries")
-    b = adjacency.abs()
+    b = values.abs()
     row_max = b.amax(dim=1, keepdim=True) if b.shape[1] else b.sum(dim=1, keepdim=True)
     nonzero = row_max > 0
     b = b / torch.where(nonzero, row_max, torch.ones_like(row_max))
@@ -93,15 +99,29 @@ def _weight_vector(
     return w
 
 
-def _propagate(b: Tensor, w: Tensor) -> Tensor:
-    """``w @ (B + B^2 + ...)`` for a nilpotent ``B`` (a DAG), see the module docstring."""
-    n = b.shape[0]
-    x = w @ b
+def _normalized(groups: list[RowGroup]) -> list[RowGroup]:
+    """``B`` (:func:`normalized_abs`) group by group: a group holds all of its rows' edges."""
+    return [RowGroup(g.rows, g.cols, _normalize_rows(g.values)) for g in groups]
+
+
+def _times(x: Tensor, b: list[RowGroup]) -> Tensor:
+    """``x @ B`` for ``B`` held as row groups."""
+    out = torch.zeros_like(x)
+    for g in b:
+        out.index_add_(0, g.cols, x[g.rows] @ g.values)
+    return out
+
+
+def _propagate(b: list[RowGroup], w: Tensor) -> Tensor:
+    """``w @ (B + B^2 + ...)`` for a nilpotent ``B`` (a DAG, held as row groups), see the
+    module docstring."""
+    n = w.shape[0]
+    x = _times(w, b)
     total = x.clone()
     for _ in range(n):
         if not bool(x.any()):
             return total
-        x = x @ b
+        x = _times(x, b)
         total += x
     raise TLCircuitsError(
         "the adjacency matrix has a cycle (influence did not vanish after n_nodes steps); "
@@ -121,8 +141,9 @@ def node_influence(
     ``target_index``. Exact for a DAG (finite propagation, see the module docstring); raises
     :class:`~tl_circuits.errors.TLCircuitsError` on a cycle.
     """
-    b = normalized_abs(adjacency)
-    return _propagate(b, _weight_vector(b.shape[0], target_index, target_weights, b))
+    b = _normalized(row_groups(adjacency))
+    w = _weight_vector(adjacency.shape[0], target_index, target_weights, adjacency)
+    return _propagate(b, w)
 
 
 @typechecked
@@ -135,9 +156,9 @@ def edge_influence(
 
     ``I`` is :func:`node_influence`, ``w`` the target-weight vector over nodes.
     """
-    b = normalized_abs(adjacency)
-    w = _weight_vector(b.shape[0], target_index, target_weights, b)
-    return (_propagate(b, w) + w)[:, None] * b
+    b = _normalized(row_groups(adjacency))
+    w = _weight_vector(adjacency.shape[0], target_index, target_weights, adjacency)
+    return (_propagate(b, w) + w)[:, None] * b[0].values
 
 
 # ---- subgraphs and pruning ----------------------------------------------------------------
@@ -178,12 +199,10 @@ def subgraph(graph: AttributionGraph, node_index: Tensor | Sequence[int]) -> Att
     keep[index] = True
     keep |= graph.nodes.kind.cpu() == TARGET
     kept = keep.nonzero(as_tuple=True)[0]
-    dev = graph.adjacency.device
-    kept_dev = kept.to(dev)
     return replace(
         graph,
         nodes=graph.nodes.select(kept.to(graph.nodes.kind.device)),
-        edges=graph.adjacency[kept_dev][:, kept_dev],
+        edges=dense_submatrix(row_groups(graph.edges), graph.n_nodes, kept),
         row_values=graph.row_values[kept.to(graph.row_values.device)],
         constants=graph.constants[kept.to(graph.constants.device)],
         targets=list(graph.targets),
@@ -204,17 +223,24 @@ def _check_threshold(name: str, value: object) -> float:
 
 def _cumulative_mask(scores: Tensor, threshold: float) -> Tensor:
     """Mask of the items kept by the cumulative-threshold rule (module docstring)."""
-    positive = scores > 0
-    if threshold >= 1.0 or not bool(positive.any()):
-        return positive
-    values = torch.sort(scores[positive].double(), descending=True).values
+    cutoff = _cumulative_cutoff(scores[scores > 0], threshold)
+    return (scores > 0) & (scores.double() >= cutoff)
+
+
+def _cumulative_cutoff(positive: Tensor, threshold: float) -> float:
+    """The smallest score kept by the cumulative rule among the ``positive`` scores (every
+    positive one with ``threshold`` 1; ``inf`` when there is none)."""
+    if positive.numel() == 0:
+        return math.inf
+    if threshold >= 1.0:
+        return 0.0
+    values = torch.sort(positive.double(), descending=True).values
     cumulative = torch.cumsum(values, dim=0)
     # "reaching" the threshold up to rounding of the (graph-dtype) scores
-    rtol = 16 * torch.finfo(scores.dtype).eps
+    rtol = 16 * torch.finfo(positive.dtype).eps
     goal = threshold * float(cumulative[-1]) * (1.0 - rtol)
     k = int(torch.searchsorted(cumulative, torch.tensor([goal], dtype=cumulative.dtype)).item())
-    cutoff = values[min(k, values.numel() - 1)]
-    return positive & (scores.double() >= cutoff)
+    return float(values[min(k, values.numel() - 1)])
 
 
 def _target_weights(graph: AttributionGraph) -> tuple[Tensor, Tensor]:
@@ -229,7 +255,8 @@ def _target_weights(graph: AttributionGraph) -> tuple[Tensor, Tensor]:
     weights = graph.target_weights()
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise TLCircuitsError("target weights must be non-negative with a positive sum")
-    return target_index.to(graph.adjacency.device), weights.to(graph.adjacency.device)
+    dev = graph.row_values.device
+    return target_index.to(dev), weights.to(dev)
 
 
 def prune_graph(
@@ -262,38 +289,46 @@ def prune_graph(
     node_threshold = _check_threshold("node_threshold", node_threshold)
     edge_threshold = _check_threshold("edge_threshold", edge_threshold)
     target_index, weights = _target_weights(graph)
-    adjacency = graph.adjacency
-    dev = adjacency.device
+    # the edges as row groups: a full build's causal blocks are never made dense here
+    groups = row_groups(graph.edges)
+    n = graph.n_nodes
+    dev = graph.row_values.device
     kind = graph.nodes.kind.to(dev)
     can_strand = (kind == FEATURE) | (kind == ERROR)
+    w = _weight_vector(n, target_index, weights, graph.row_values)
 
     # 1. node threshold over features and errors
-    influence = node_influence(adjacency, target_index, weights)
-    node_mask = torch.ones(graph.n_nodes, dtype=torch.bool, device=dev)
+    influence = _propagate(_normalized(groups), w)
+    node_mask = torch.ones(n, dtype=torch.bool, device=dev)
     node_mask[can_strand] = _cumulative_mask(influence[can_strand], node_threshold)
 
     # 2. edge threshold, influences recomputed on the node-pruned adjacency
-    both = node_mask[:, None] & node_mask[None, :]
-    pruned = torch.where(both, adjacency, torch.zeros_like(adjacency))
-    scores = edge_influence(pruned, target_index, weights)
-    edge_mask = _cumulative_mask(scores.flatten(), edge_threshold)
-    edge_mask = edge_mask.reshape(scores.shape) & both
+    def both(g: RowGroup) -> Tensor:
+        return node_mask[g.rows][:, None] & node_mask[g.cols][None, :]
+
+    b = _normalized([RowGroup(g.rows, g.cols, torch.where(both(g), g.values, 0)) for g in groups])
+    reach = _propagate(b, w) + w
+    scores = [reach[g.rows][:, None] * g.values for g in b]
+    del b
+    cutoff = _cumulative_cutoff(torch.cat([s[s > 0] for s in scores]), edge_threshold)
+    edge_masks = [(s > 0) & (s.double() >= cutoff) & both(g) for s, g in zip(scores, groups)]
+    del scores
 
     # 3. drop features and errors left without an outgoing edge to a kept node
     while True:
-        has_out = edge_mask.any(dim=0)  # column s: some kept edge s -> t
+        has_out = torch.zeros(n, dtype=torch.bool, device=dev)
+        for g, m in zip(groups, edge_masks):
+            has_out[g.cols] |= m.any(dim=0)  # column s: some kept edge s -> t
         stranded = node_mask & can_strand & ~has_out
         if not bool(stranded.any()):
             break
         node_mask &= ~stranded
-        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        for g, m in zip(groups, edge_masks):
+            m &= both(g)
 
     kept = node_mask.nonzero(as_tuple=True)[0]
     out = subgraph(graph, kept.cpu())
-    kept_edges = edge_mask[kept][:, kept]
-    out = replace(
-        out, edges=torch.where(kept_edges, out.adjacency, torch.zeros_like(out.adjacency))
-    )
+    out = replace(out, edges=dense_submatrix(groups, n, kept, edge_masks))
     out.info["pruned"] = {
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
@@ -335,16 +370,22 @@ def graph_scores(graph: AttributionGraph) -> GraphScores:
     not counted as error).
     """
     target_index, weights = _target_weights(graph)
-    b = normalized_abs(graph.adjacency)
-    w = _weight_vector(b.shape[0], target_index, weights, b)
+    b = _normalized(row_groups(graph.edges))
+    w = _weight_vector(graph.n_nodes, target_index, weights, graph.row_values)
     influence = _propagate(b, w)
-    errors = graph.indices("error").to(b.device)
-    tokens = graph.indices("token").to(b.device)
+    dev = w.device
+    errors = graph.indices("error").to(dev)
+    tokens = graph.indices("token").to(dev)
     token_influence = float(influence[tokens].double().sum())
     error_influence = float(influence[errors].double().sum())
     denominator = token_influence + error_influence
     replacement = token_influence / denominator if denominator > 0 else float("nan")
-    non_error = 1.0 - b[:, errors].double().sum(dim=1)
+    is_error = torch.zeros(graph.n_nodes, dtype=torch.bool, device=dev)
+    is_error[errors] = True
+    error_input = torch.zeros(graph.n_nodes, dtype=torch.float64, device=dev)
+    for g in b:  # each row's normalised input from error nodes
+        error_input[g.rows] += g.values[:, is_error[g.cols]].double().sum(dim=1)
+    non_error = 1.0 - error_input
     reach = (influence + w).double()
     completeness = float((non_error * reach).sum() / reach.sum())
     return GraphScores(replacement=replacement, completeness=completeness)
