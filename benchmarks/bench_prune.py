@@ -15,39 +15,39 @@ import torch
 
 from tl_circuits.graph import AttributionGraph
 
-n = 16
-model = bg.gpt2_small_random(0)
-tcs = bg.random_transcoders(
-    model, "jumprelu", d_sae=8192, active_fraction=64 / 8192, seed=0, calibration_positions=n
-)
-g = AttributionGraph.build(model, tcs, bg.random_prompt(n, 0), batch_size=256, show_progress=False)
-print("nodes", g.n_nodes, "blocks MiB", g.edges.nbytes / 2**20)
+N_TOKENS = 16
 
 
-def prune_and_score(graph):
-    p = graph.prune()
-    s = graph.scores()
-    return p, s
+def prune_and_score(graph: AttributionGraph) -> tuple[AttributionGraph, object]:
+    return graph.prune(), graph.scores()
 
 
-(p1, s1), m1 = bg.measure(prune_and_score, g)
-print(
-    "blocks: prune+scores",
-    round(m1["seconds"], 2),
-    "s",
-    round(m1["build_memory_bytes"] / 2**20),
-    "MiB",
-    g._dense is None,
-)
-d = g.with_adjacency(g.edges.to_dense())
-(p2, s2), m2 = bg.measure(prune_and_score, d)
-print(
-    "dense:  prune+scores",
-    round(m2["seconds"], 2),
-    "s",
-    round(m2["build_memory_bytes"] / 2**20),
-    "MiB (dense matrix",
-    round(d.edges.numel() * 4 / 2**20),
-    "MiB, held before)",
-)
-print("same pruned graph:", torch.equal(p1.adjacency, p2.adjacency), s1, s2)
+def main() -> None:
+    model = bg.gpt2_small_random(0)
+    tcs = bg.random_transcoders(
+        model,
+        "jumprelu",
+        d_sae=8192,
+        active_fraction=64 / 8192,
+        seed=0,
+        calibration_positions=N_TOKENS,
+    )
+    prompt = bg.random_prompt(N_TOKENS, 0)
+    graph = AttributionGraph.build(model, tcs, prompt, batch_size=256, show_progress=False)
+    dense = graph.with_adjacency(graph.edges.to_dense())
+    print(
+        f"{graph.n_nodes} nodes; blocks {graph.edges.nbytes / 2**20:.0f} MiB, dense "
+        f"{dense.edges.numel() * dense.edges.element_size() / 2**20:.0f} MiB"
+    )
+    results = {}
+    for name, g in (("causal blocks", graph), ("dense matrix", dense)):
+        results[name], m = bg.measure(prune_and_score, g)
+        mib = m["build_memory_bytes"] / 2**20
+        print(f"{name:14s} prune + scores {m['seconds']:7.2f} s {mib:7.0f} MiB")
+    assert graph._dense is None  # the blocks path never made the dense view
+    (p1, s1), (p2, s2) = results.values()
+    print("identical pruned graphs:", torch.equal(p1.adjacency, p2.adjacency), s1, s2)
+
+
+if __name__ == "__main__":
+    main()
