@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,12 +37,11 @@ from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TOKEN
 from tl_circuits.linear import FrozenNorm, _frozen_norm
 from tl_circuits.prompt import Prompt, to_tokens
-from tl_circuits.qk_reverse import Method, ReverseHeadVectors
+from tl_circuits.qk_reverse import Method, ReverseHeadVectors, Side
 from tl_circuits.typing import Int, typechecked
 
 BIAS = -1  #: component id of the bias term (the last row of a basis table)
 EXCLUDED = -2  #: component id of the features left out by a budget (graph basis)
-Side = Literal["q", "k"]  # the same as tl_circuits.qk_reverse.Side
 #: rows projected at once (bounds the ``[chunk, positions, d_model]`` temporaries)
 CHUNK = 512
 PROPAGATE_CHUNK = 64
@@ -361,21 +360,27 @@ def _graph_basis(graph: AttributionGraph, layer: int, method: Method) -> QKBasis
         ("bias", -1, -1, -1, "bias (all constants of the model)"),
     ]
     pos_of_row = torch.cat([node_pos, torch.tensor([-1, -1])])
-    name = f"blocks.{layer}.hook_resid_pre"
-    _, captured = ctx.run_zero_nodes(capture=(name,))
-    bias = captured[name][0]  # [pos, d_model]: every constant of the model
     forward: list[Tensor] = []  # the forward table [len(rows), pos, d], built on first need
 
-    def contributions(r: Tensor, positions: Sequence[int]) -> Tensor:
+    @functools.cache
+    def bias() -> Tensor:
+        """``[pos, d_model]``: ``resid_pre(layer)`` with every node zero (the constants)."""
+        name = f"blocks.{layer}.hook_resid_pre"
+        return ctx.run_zero_nodes(capture=(name,))[1][name][0]
+
+    def check_rows(r: Tensor) -> None:
         s = slot[r]
         if (s < 0).any():
             raise QKError(f"components {r[s < 0].tolist()} do not write below layer {layer}")
+
+    def contributions(r: Tensor, positions: Sequence[int]) -> Tensor:
+        check_rows(r)
         pos = list(positions)
         if bool((r == n_nodes + 1).all()):  # the bias alone needs no propagation
-            return bias[pos].expand(len(r), -1, -1).clone()
+            return bias()[pos].expand(len(r), -1, -1).clone()
         if not forward:
-            forward.append(_graph_residuals(graph, layer, live, left_out, bias))
-        return forward[0][s][:, pos]
+            forward.append(_graph_residuals(graph, layer, live, left_out, bias()))
+        return forward[0][slot[r]][:, pos]
 
     def live_rows(positions: Sequence[int]) -> Tensor:
         last = max(positions)
@@ -387,7 +392,7 @@ def _graph_basis(graph: AttributionGraph, layer: int, method: Method) -> QKBasis
         graph,
         layer,
         frozen.get("ln1"),
-        rows=rows,
+        check_rows=check_rows,
         method=method,
         n_forward_rows=len(rows),
         forward_built=lambda: bool(forward),

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_circuits.errors import QKError
 from tl_circuits.graph.build import FeatureEdgeSink
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TOKEN
@@ -43,8 +42,8 @@ SEED_BATCH = 256
 
 class ReverseHeadVectors:
     """Unfinished query / key vectors of every graph-basis row, one reverse pass per batch
-    of seeds, cached per ``(side, side head, position)``. ``rows``: the table rows that
-    write below the layer (others are an error, as in the forward basis).
+    of seeds, cached per ``(side, side head, position)``. ``check_rows(rows)`` raises for
+    table rows that do not write below the layer (the basis's own check).
 
     ``vectors(side, side_head, rows, positions)`` returns ``[len(rows), P, d_head]`` for
     rows of the basis table (graph nodes, then ``EXCLUDED``, then ``BIAS``), or None where
@@ -65,24 +64,20 @@ class ReverseHeadVectors:
         layer: int,
         ln1_scale: Tensor | None,
         *,
-        rows: Tensor,
+        check_rows: Callable[[Tensor], None],
         method: Method,
         n_forward_rows: int,
         forward_built: Callable[[], bool],
     ) -> None:
         ctx = graph.context
         assert ctx is not None
-        if method not in ("auto", "forward", "reverse"):
-            raise ValueError(f"method must be 'auto', 'forward' or 'reverse', got {method!r}")
         self.graph, self.ctx, self.layer = graph, ctx, layer
         self.model = ctx.model
         self.ln1_scale = ln1_scale  # [pos, 1] or None (no normalisation)
         self.dtype, self.device = ctx.embeddings.dtype, ctx.embeddings.device
         self.method, self.n_forward_rows, self.forward_built = method, n_forward_rows, forward_built
         self.seeds_run = 0
-        n_nodes = len(graph.nodes)
-        self.allowed = torch.zeros(n_nodes + 2, dtype=torch.bool)
-        self.allowed[rows] = True
+        self.check_rows = check_rows
         self._cache: dict[tuple[Side, int, int], Tensor] = {}
         self._sink: FeatureEdgeSink | None = None
         self._workspace: BackwardWorkspace | None = None
@@ -105,7 +100,7 @@ class ReverseHeadVectors:
         is_feat = (nodes.kind == FEATURE) & (nodes.layer < layer)
         key = (nodes.layer[is_feat] * n_pos + nodes.pos[is_feat]) * width + nodes.feature[is_feat]
         col = torch.searchsorted(active_key, key)
-        if (
+        if len(key) and (
             n_feat == 0
             or (col >= n_feat).any()
             or (active_key[col.clamp_max(n_feat - 1)] != key).any()
@@ -193,11 +188,11 @@ class ReverseHeadVectors:
         """Positions whose vectors are not cached yet."""
         return sorted({p for p in positions if (side, side_head, p) not in self._cache})
 
-    def answers(self, side: Side, side_head: int, positions: Sequence[int]) -> bool:
-        """Whether :meth:`vectors` answers this request (see the class doc)."""
+    def answers(self, todo: list[int]) -> bool:
+        """Whether :meth:`vectors` answers a request whose uncached positions are ``todo``
+        (see the class doc)."""
         if self.method != "auto":
             return self.method == "reverse"
-        todo = self.missing(side, side_head, positions)
         if not todo:
             return True
         if self.forward_built():
@@ -216,12 +211,10 @@ class ReverseHeadVectors:
         """``[len(rows), P, d_head]`` unfinished vectors of table ``rows`` (bias row: 0) for
         the head reading ``W`` ``[d_model, d_head]`` (``W_Q[h]``, or ``W_K`` of key head
         ``side_head``), or None when the forward table should answer."""
-        if not self.allowed[rows].all():
-            bad = rows[~self.allowed[rows]].tolist()
-            raise QKError(f"components {bad} do not write below layer {self.layer}")
-        if not self.answers(side, side_head, positions):
-            return None
+        self.check_rows(rows)
         todo = self.missing(side, side_head, positions)
+        if not self.answers(todo):
+            return None
         if todo:
             self._run(side, side_head, W, todo, show_progress)
         return torch.stack([self._cache[(side, side_head, p)][rows] for p in positions], dim=1)

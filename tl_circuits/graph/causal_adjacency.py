@@ -98,11 +98,8 @@ class CausalAdjacency:
             )
 
     def to_dense(self) -> Tensor:
-        like = self.groups[0].values if self.groups else torch.zeros(0)
-        out = like.new_zeros(self.n_nodes, self.n_nodes)
-        for g in self.groups:
-            out[g.rows[:, None], g.cols[None, :]] = g.values
-        return out
+        every = torch.arange(self.n_nodes)
+        return dense_submatrix(row_groups(self), self.n_nodes, every)
 
 
 def causal_groups(kind: Tensor, layer: Tensor, pos: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -230,7 +230,7 @@ def _encode(graph: AttributionGraph) -> tuple[dict[str, Tensor], dict[str, Any]]
     flat_index, order = torch.sort(torch.cat(indices))
     dtype = graph.row_values.dtype if not values else values[0].dtype
     nnz = int(flat_index.numel())
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     if nnz * (8 + esize) < n * n * esize:
         layout = "sparse"
         tensors["adjacency.index"] = flat_index
