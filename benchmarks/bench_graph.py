@@ -48,8 +48,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.build import estimate_memory_bytes
-from tl_circuits.model_hooks import install_mlp_input_hooks
-from tl_circuits.replacement import ReplacementContext
+from tl_circuits.model.hooks import install_mlp_input_hooks
+from tl_circuits.replacement.context import ReplacementContext
 from tl_circuits.testing import random_transcoders
 
 GiB = 2**30

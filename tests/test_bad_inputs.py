@@ -35,7 +35,7 @@ from tl_circuits import (
     UnsupportedArchitectureError,
     validate_transcoders,
 )
-from tl_circuits.prompt import to_tokens
+from tl_circuits.model.prompt import to_tokens
 from tl_circuits.testing import random_clt, random_model
 
 N_LAYERS = 3  # the cached test models have 3 layers of width 32
@@ -588,7 +588,7 @@ def test_clt_wrong_shape_in_constructor() -> None:
 
 def test_typed_records_reject_mismatched_shapes() -> None:
     from tl_circuits.graph.nodes import NodeTable
-    from tl_circuits.replacement import FeatureTable
+    from tl_circuits.replacement.context import FeatureTable
 
     n3, n2 = torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long)
     with pytest.raises(Exception, match="n"):  # jaxtyping/beartype type-check violation

@@ -9,7 +9,8 @@ from conftest import cached_model, cached_transcoders
 
 from tl_circuits.cli import main
 from tl_circuits.cli.sources import ModelSource, SourceError, load_source, source_from_args
-from tl_circuits.pretrained import PretrainedError, load_transcoders, release_sae_ids
+from tl_circuits.errors import PretrainedError
+from tl_circuits.transcoders.loading import load_transcoders, release_sae_ids
 
 
 def _args(**kw) -> argparse.Namespace:

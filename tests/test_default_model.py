@@ -38,7 +38,7 @@ from tl_circuits.default.tokenizer import (
     vocabulary,
 )
 from tl_circuits.graph import AttributionGraph
-from tl_circuits.model_hooks import install_mlp_input_hooks
+from tl_circuits.model.hooks import install_mlp_input_hooks
 from tl_circuits.training.evaluate import replacement_hooks
 from tl_circuits.transcoders import CrossLayerTranscoder, TranscoderSet
 

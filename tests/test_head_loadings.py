@@ -13,12 +13,12 @@ from conftest import cached_model, cached_transcoders, prompt_tokens
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_circuits import HeadLoadings, TLCircuitsError
+from tl_circuits.attention.heads.loadings import HeadLoadingError
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TARGET, TOKEN
 from tl_circuits.graph.targets import target_values
-from tl_circuits.head_loadings import HeadLoadingError
-from tl_circuits.linear import FrozenLinearModel
-from tl_circuits.model_hooks import install_mlp_input_hooks
+from tl_circuits.model.hooks import install_mlp_input_hooks
+from tl_circuits.replacement.frozen import FrozenLinearModel
 from tl_circuits.testing import FAMILIES, random_transcoders
 
 F64 = torch.float64

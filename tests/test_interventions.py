@@ -8,7 +8,7 @@ from conftest import cached_model, cached_transcoders, prompt_tokens
 
 from tl_circuits import AttributionGraph, FeatureIntervention, intervene, steered_generate
 from tl_circuits.graph.targets import target_values
-from tl_circuits.interventions import InterventionError
+from tl_circuits.replacement.interventions import InterventionError
 from tl_circuits.testing import FAMILIES
 
 F64 = torch.float64

@@ -9,9 +9,14 @@ import torch
 from conftest import cached_model, cached_transcoders, prompt_tokens
 
 from tl_circuits.errors import TLCircuitsError
+from tl_circuits.export.picture import (
+    _edges_to_draw,
+    draw_graph,
+    node_coordinates,
+    save_graph_picture,
+)
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.nodes import TOKEN
-from tl_circuits.plot import _edges_to_draw, draw_graph, node_coordinates, save_graph_picture
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer
 
 from tl_circuits import AttributionGraph
-from tl_circuits.qk import BIAS, EXCLUDED, QKAttribution, QKBasis, QKError
+from tl_circuits.attention.qk.attribution import BIAS, EXCLUDED, QKAttribution, QKBasis, QKError
 from tl_circuits.testing import FAMILIES
 
 F64 = torch.float64
@@ -308,7 +308,7 @@ def test_graph_basis_chunked_propagation_is_exact(
     """Small propagation chunks start late (layer) and truncate early positions; the node
     contributions must equal one whole-model, whole-prompt propagation, skip paths and
     post-attention norms included."""
-    import tl_circuits.qk_bases as qk_bases
+    import tl_circuits.attention.qk.basis as qk_bases
 
     graph = _graph(family, "jumprelu_skip")
     model = graph.context.model
@@ -338,7 +338,7 @@ def test_graph_basis_chunked_propagation_is_exact(
 @pytest.mark.parametrize(("n_q", "n_k", "k"), [(50, 40, 10), (3, 200, 7), (200, 3, 25), (4, 4, 16)])
 def test_top_terms_search_equals_a_full_sort(n_q: int, n_k: int, k: int, sign: str) -> None:
     """The row-pruned top-k of qk._top_flat ranks exactly like a sort of every entry."""
-    from tl_circuits.qk import _top_flat
+    from tl_circuits.attention.qk.attribution import _top_flat
 
     gen = torch.Generator().manual_seed(n_q * 1000 + n_k)
     for trial in range(20):

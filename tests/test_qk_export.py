@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import cached_model, cached_transcoders, prompt_tokens
 
+from tl_circuits.attention.qk.attribution import BIAS, EXCLUDED, QKAttribution, QKBasis
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.files import export_json, load_graph, save_graph
-from tl_circuits.qk import BIAS, EXCLUDED, QKAttribution, QKBasis
 
 F64 = torch.float64
 COMPONENT = {"type": "string", "minLength": 1}

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_circuits.qk import QKAttribution, QKBasis
-from tl_circuits.qk_interventions import intervene_qk
+from tl_circuits.attention.qk.attribution import QKAttribution, QKBasis
+from tl_circuits.attention.qk.interventions import intervene_qk
 
 V, N, D_HEAD = 8, 12, 12
 TOKEN, POSITION, PREVIOUS, OUTPUT = 0, V, V + N, 2 * V + N

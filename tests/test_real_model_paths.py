@@ -15,8 +15,9 @@ import torch
 from transformer_lens import HookedTransformer
 
 from tl_circuits import AttributionGraph, ReplacementContext
-from tl_circuits.pretrained import PretrainedError, load_pretrained
+from tl_circuits.errors import PretrainedError
 from tl_circuits.testing import local_saelens_converter, random_model, random_transcoders
+from tl_circuits.transcoders.loading import load_pretrained
 
 RELEASE = "mwhanna-qwen3-0.6b-transcoders-lowl0"
 N_LAYERS = 28  # qwen3-0.6b, as the release's directory entry lists

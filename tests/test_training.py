@@ -14,7 +14,7 @@ from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_circuits import CrossLayerTranscoder, HookError, ReplacementContext, TranscoderSet
-from tl_circuits.model_hooks import install_mlp_input_hooks
+from tl_circuits.model.hooks import install_mlp_input_hooks
 from tl_circuits.testing import random_model
 from tl_circuits.training import (
     CheckpointError,

@@ -1,6 +1,10 @@
 """tl_circuits: circuit tracing (attribution graphs, head loadings, QK attributions) for
 TransformerLens models with SAE-Lens transcoders. See DESIGN.md for the definitions."""
 
+from tl_circuits.attention.heads.loadings import HeadLoadings
+from tl_circuits.attention.qk.attribution import QKAttribution
+from tl_circuits.attention.qk.basis import QKBasis
+from tl_circuits.attention.qk.interventions import QKInterventionResult, intervene_qk
 from tl_circuits.errors import (
     HookError,
     NonFiniteError,
@@ -10,24 +14,19 @@ from tl_circuits.errors import (
     UnsupportedArchitectureError,
 )
 from tl_circuits.graph import AttributionGraph
-from tl_circuits.head_loadings import HeadLoadings
-from tl_circuits.interventions import (
-    FeatureIntervention,
-    InterventionResult,
-    intervene,
-    steered_generate,
-)
-from tl_circuits.model_hooks import install_mlp_input_hooks
-from tl_circuits.pretrained import load_pretrained
-from tl_circuits.qk import QKAttribution
-from tl_circuits.qk_bases import QKBasis
-from tl_circuits.qk_interventions import QKInterventionResult, intervene_qk
-from tl_circuits.replacement import (
+from tl_circuits.model.hooks import install_mlp_input_hooks
+from tl_circuits.replacement.context import (
     FeatureTable,
     ReconstructionStats,
     Recording,
     ReplacementContext,
     validate_transcoders,
+)
+from tl_circuits.replacement.interventions import (
+    FeatureIntervention,
+    InterventionResult,
+    intervene,
+    steered_generate,
 )
 from tl_circuits.training import (
     TrainingConfig,
@@ -37,6 +36,7 @@ from tl_circuits.training import (
     train_transcoders,
 )
 from tl_circuits.transcoders import CrossLayerTranscoder, Encoder, Transcoders, TranscoderSet
+from tl_circuits.transcoders.loading import load_pretrained
 
 __version__ = "0.1.0"
 

@@ -35,3 +35,7 @@ class NonFiniteError(TLCircuitsError):
 class QKError(TLCircuitsError):
     """A QK attribution request is invalid (head, layer or positions out of range, a basis
     SAE at the wrong hook, ...)."""
+
+
+class PretrainedError(TLCircuitsError):
+    """A model or transcoders named cannot be found or loaded."""

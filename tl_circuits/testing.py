@@ -17,7 +17,7 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import JumpReLUTranscoder, SkipTranscoder
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_circuits.model_hooks import install_mlp_input_hooks
+from tl_circuits.model.hooks import install_mlp_input_hooks
 from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
 from tl_circuits.transcoders.per_layer import SAELENS_CLASSES, TranscoderSet
 

@@ -11,7 +11,7 @@
 # Tutorials 1–3 run on the embedded default model. This one traces **gemma-2-2b** with the
 # Gemma-Scope transcoders and **Qwen3** with the `mwhanna` transcoders from SAE-Lens's
 # release directory. It downloads several GB from the Hugging Face hub, so the test suite
-# does not run it; the code path it uses (`tl_circuits.pretrained`: release resolution,
+# does not run it; the code path it uses (`tl_circuits.transcoders.loading`: release resolution,
 # SAE-Lens `SAE.from_pretrained`, TransformerLens loading, splice, graph) is tested on local
 # stand-in files in `tests/test_real_model_paths.py`.
 #
@@ -39,7 +39,7 @@ import torch
 
 from tl_circuits import AttributionGraph, HeadLoadings, QKAttribution, ReplacementContext
 from tl_circuits.graph.build import estimate_memory_bytes
-from tl_circuits.pretrained import load_pretrained, release_sae_ids
+from tl_circuits.transcoders.loading import load_pretrained, release_sae_ids
 
 # %% [markdown]
 # ## Load gemma-2-2b and its transcoders

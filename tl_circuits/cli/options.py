@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_circuits.cli.sources import ModelSource, SourceError, load_source, source_from_args
-from tl_circuits.pretrained import DTYPES
+from tl_circuits.model.loading import DTYPES
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:

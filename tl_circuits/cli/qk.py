@@ -54,7 +54,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tl_circuits.qk import QKAttribution
+    from tl_circuits.attention.qk.attribution import QKAttribution
 
     if args.top < 1:
         raise SourceError("--top must be positive")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             argparse.Namespace(prompt=args.prompt, example=args.example), source.model
         )
         if args.basis == "components" and source.model != DEFAULT and source.transcoders is None:
-            from tl_circuits.pretrained import load_model
+            from tl_circuits.transcoders.loading import load_model
 
             model = load_model(
                 source.model, fold_ln=source.fold_ln, device=source.device, dtype=source.dtype

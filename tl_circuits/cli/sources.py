@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tl_circuits.errors import TLCircuitsError
-from tl_circuits.pretrained import DTYPES, release_entry
+from tl_circuits.model.loading import DTYPES
+from tl_circuits.transcoders.loading import release_entry
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -100,7 +101,7 @@ def source_from_args(args: Any) -> ModelSource:
 
 def load_source(source: ModelSource) -> tuple[HookedTransformer, Transcoders]:
     """Load the model and transcoders ``source`` names (clear errors otherwise)."""
-    from tl_circuits.pretrained import load_pretrained
+    from tl_circuits.transcoders.loading import load_pretrained
 
     if source.device.startswith("cuda") and not torch.cuda.is_available():
         raise SourceError(f"--device {source.device}: CUDA is not available on this machine")
@@ -123,7 +124,7 @@ def load_source(source: ModelSource) -> tuple[HookedTransformer, Transcoders]:
 
 def _load_default(source: ModelSource) -> tuple[HookedTransformer, Transcoders]:
     from tl_circuits.default import load_default_model, load_default_transcoders
-    from tl_circuits.pretrained import load_transcoders
+    from tl_circuits.transcoders.loading import load_transcoders
 
     kind = source.transcoders or "per_layer"
     dtype = DTYPES[source.dtype]

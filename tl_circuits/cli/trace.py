@@ -86,8 +86,8 @@ def resolve_prompt(args: argparse.Namespace, model_name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tl_circuits.export.picture import save_graph_picture
     from tl_circuits.graph import AttributionGraph
-    from tl_circuits.plot import save_graph_picture
 
     for name in ("max_features", "head_edges"):
         value = getattr(args, name)

@@ -81,7 +81,7 @@ def _model(args: argparse.Namespace) -> Any:
         from tl_circuits.default import load_default_model
 
         return load_default_model(device=args.device or "cpu")
-    from tl_circuits.pretrained import load_model
+    from tl_circuits.transcoders.loading import load_model
 
     return load_model(args.model, fold_ln=args.fold_ln, device=args.device or "cpu")
 

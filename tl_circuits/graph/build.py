@@ -1,6 +1,6 @@
 """Building an attribution graph: nodes, targets and exact direct-effect edges.
 
-Edges come from reverse-mode passes of :class:`~tl_circuits.linear.FrozenLinearModel`
+Edges come from reverse-mode passes of :class:`~tl_circuits.replacement.frozen.FrozenLinearModel`
 seeded at target rows: a feature row's seed is its encoder vector ``W_enc[:, f]`` on
 ``x_in(layer)`` at its position; a target's seed is its read-out vector on the final norm's
 output. As the gradient ``G_l`` on each MLP output passes by, the edges from sources that
@@ -36,9 +36,9 @@ from tl_circuits.graph.nodes import (
     normalized_target_weights,
 )
 from tl_circuits.graph.targets import resolve_targets, target_values
-from tl_circuits.linear import BackwardWorkspace, SparseSeeds
-from tl_circuits.prompt import Prompt
-from tl_circuits.replacement import FeatureTable, ReplacementContext
+from tl_circuits.model.prompt import Prompt
+from tl_circuits.replacement.context import FeatureTable, ReplacementContext
+from tl_circuits.replacement.frozen import BackwardWorkspace, SparseSeeds
 from tl_circuits.transcoders.base import Transcoders
 
 

@@ -1,7 +1,7 @@
 """Re-attach a replacement context to a graph (one loaded from disk keeps none).
 
 Head loadings, QK attributions and interventions need the graph's
-:class:`~tl_circuits.replacement.ReplacementContext` (cached activations, frozen patterns
+:class:`~tl_circuits.replacement.context.ReplacementContext` (cached activations, frozen patterns
 and scales). A graph built in this process carries it; a graph loaded with
 :meth:`AttributionGraph.load` does not, and :func:`graph_context` rebuilds it from the
 model and transcoders the graph was built with, after checking that they are the same
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from tl_circuits.graph.graph import AttributionGraph
-    from tl_circuits.replacement import ReplacementContext
+    from tl_circuits.replacement.context import ReplacementContext
     from tl_circuits.transcoders.base import Transcoders
 
 
@@ -57,7 +57,7 @@ def graph_context(
             "one); rebuild it with AttributionGraph.build, or pass the model and "
             "transcoders it was built with (model=..., transcoders=...)"
         )
-    from tl_circuits.replacement import ReplacementContext
+    from tl_circuits.replacement.context import ReplacementContext
 
     info, cfg = graph.info, model.cfg
     for key, have in (

@@ -27,7 +27,7 @@ Tensors (names in the safetensors file):
   and ``adjacency.values`` (same dtype as the adjacency). Stored entries are those whose
   bits are not +0.0 (so ``-0.0`` survives); the dense tensor is rebuilt bit for bit.
 - optionally ``head_loadings.{field}``: the graph's
-  :class:`~tl_circuits.head_loadings.HeadLoadings` (``edges``, ``edge_values``,
+  :class:`~tl_circuits.attention.heads.loadings.HeadLoadings` (``edges``, ``edge_values``,
   ``loadings``, ``bypass``, ``crossed`` and, when split by write layer, ``write_layers``,
   ``loadings_by_write``, ``bypass_by_write``, ``values_by_write``); the header then has
   ``"head_loadings": {"fields": [...]}`` naming the stored fields. Files without it (and
@@ -464,7 +464,7 @@ def _decode(tensors: dict[str, Tensor], header: dict[str, Any], source: Path) ->
 def _decode_head_loadings(
     meta: Any, get: Callable[[str], Tensor], n_nodes: int, source: Path
 ) -> Any:
-    from tl_circuits.head_loadings import HeadLoadings
+    from tl_circuits.attention.heads.loadings import HeadLoadings
 
     fields = meta.get("fields") if isinstance(meta, dict) else None
     if (
@@ -552,7 +552,7 @@ def export_json(
     needs head loadings and the graph's replacement context (a graph loaded from disk has
     none: rebuild it; both are refused with :class:`~tl_circuits.errors.TLCircuitsError`).
     Then, for each link's listed heads, the head's QK attribution (graph-node basis,
-    :class:`~tl_circuits.qk.QKAttribution`) at query position = the target's position and
+    :class:`~tl_circuits.attention.qk.attribution.QKAttribution`) at query position = the target's position and
     key position = the source's::
 
         {
@@ -650,7 +650,7 @@ def export_json(
             graph, [node["node_id"] for node in nodes], top_heads
         )
     if qk_top_terms:
-        from tl_circuits.qk_export import qk_block
+        from tl_circuits.export.qk_block import qk_block
 
         block["qk"] = qk_block(graph, [node["node_id"] for node in nodes], top_heads, qk_top_terms)
     block.update(extra or {})

@@ -27,9 +27,9 @@ from tl_circuits.typing import Float, Int
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from tl_circuits.attention.heads.loadings import HeadLoadings
     from tl_circuits.graph.pruning import GraphScores
-    from tl_circuits.head_loadings import HeadLoadings
-    from tl_circuits.replacement import ReplacementContext
+    from tl_circuits.replacement.context import ReplacementContext
     from tl_circuits.transcoders.base import Transcoders
 
 
@@ -54,7 +54,7 @@ class AttributionGraph:
     - ``tokens``, ``token_strings``: the prompt
     - ``excluded``: active features left out by a feature budget (same columns as nodes)
     - ``info``: JSON-able metadata (model name and shape, transcoder kind, build options)
-    - ``head_loadings``: optional :class:`~tl_circuits.head_loadings.HeadLoadings` of this
+    - ``head_loadings``: optional :class:`~tl_circuits.attention.heads.loadings.HeadLoadings` of this
       graph's edges (set by :meth:`compute_head_loadings`); its ``edges`` are indices into
       *these* nodes, so :meth:`prune`, :func:`~tl_circuits.graph.pruning.subgraph` and
       :meth:`with_adjacency` drop it (None) rather than carry stale loadings. Saved by
@@ -146,10 +146,10 @@ class AttributionGraph:
     def compute_head_loadings(
         self, edges: Tensor | Sequence[Sequence[int]] | None = None, **kwargs: Any
     ) -> HeadLoadings:
-        """Compute :class:`~tl_circuits.head_loadings.HeadLoadings` of ``edges`` (None: every
+        """Compute :class:`~tl_circuits.attention.heads.loadings.HeadLoadings` of ``edges`` (None: every
         edge), store them as ``self.head_loadings`` and return them; ``kwargs`` go to
-        :meth:`HeadLoadings.compute <tl_circuits.head_loadings.HeadLoadings.compute>`."""
-        from tl_circuits.head_loadings import HeadLoadings
+        :meth:`HeadLoadings.compute <tl_circuits.attention.heads.loadings.HeadLoadings.compute>`."""
+        from tl_circuits.attention.heads.loadings import HeadLoadings
 
         self.head_loadings = HeadLoadings.compute(self, edges, **kwargs)
         return self.head_loadings

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.nodes import Target
-from tl_circuits.replacement import ReplacementContext
+from tl_circuits.replacement.context import ReplacementContext
 
 
 class TargetError(TLCircuitsError):

@@ -22,7 +22,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_circuits.errors import HookError
-from tl_circuits.model_hooks import SUPPORTED_OUTPUT_HOOK
+from tl_circuits.model.hooks import SUPPORTED_OUTPUT_HOOK
 from tl_circuits.training.config import TrainingDataError
 
 Chunk = tuple[Tensor, Tensor | None]  # tokens [n_seq, seq], loss mask [n_seq, seq] or None

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from tl_circuits.errors import TLCircuitsError
-from tl_circuits.model_hooks import SUPPORTED_INPUT_HOOKS
+from tl_circuits.model.hooks import SUPPORTED_INPUT_HOOKS
 
 Kind = Literal["per_layer", "cross_layer"]
 ActivationName = Literal["relu", "jumprelu"]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from tl_circuits.replacement import validate_transcoders
+from tl_circuits.replacement.context import validate_transcoders
 from tl_circuits.training.activations import Chunk, TokenSource, capture
 from tl_circuits.training.config import TrainingDataError
 from tl_circuits.transcoders.base import Transcoders

@@ -16,7 +16,7 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import JumpReLUTranscoder, SkipTranscoder, Transcoder
 from torch import Tensor
 
-from tl_circuits.model_hooks import SUPPORTED_OUTPUT_HOOK
+from tl_circuits.model.hooks import SUPPORTED_OUTPUT_HOOK
 from tl_circuits.training.trainable import TrainableTranscoder
 from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
 from tl_circuits.transcoders.per_layer import SAELENS_CLASSES, TranscoderSet

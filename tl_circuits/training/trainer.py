@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_circuits.model_hooks import (
+from tl_circuits.model.hooks import (
     MLP_INPUT_HOOK,
     check_supported_architecture,
     install_mlp_input_hooks,

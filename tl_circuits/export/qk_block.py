@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from tl_circuits.attention.qk.attribution import BIAS, EXCLUDED, QKAttribution, QKBasis
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.graph import AttributionGraph
-from tl_circuits.qk import BIAS, EXCLUDED, QKAttribution, QKBasis
 
 
 def qk_block(graph: AttributionGraph, ids: list[str], top_heads: int, k: int) -> dict[str, Any]:

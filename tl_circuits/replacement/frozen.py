@@ -32,7 +32,7 @@ from torch import Tensor
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
 from tl_circuits.errors import UnsupportedArchitectureError
-from tl_circuits.replacement import ReplacementContext
+from tl_circuits.replacement.context import ReplacementContext
 
 
 @dataclass(frozen=True)

@@ -23,26 +23,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from tl_circuits.errors import TLCircuitsError
+from tl_circuits.errors import PretrainedError
+from tl_circuits.model.loading import load_model, torch_dtype
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from tl_circuits.transcoders.base import Transcoders
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-class PretrainedError(TLCircuitsError):
-    """A model or transcoders named cannot be found or loaded."""
-
-
-def _dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise PretrainedError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load_pretrained(
@@ -67,36 +55,6 @@ def load_pretrained(
         **sae_kwargs,
     )
     return hooked, loaded
-
-
-def load_model(
-    name: str, *, fold_ln: bool = False, device: str = "cpu", dtype: str = "float32"
-) -> HookedTransformer:
-    """``HookedTransformer`` ``name``, unprocessed unless ``fold_ln``."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
-    torch_dtype = _dtype(dtype)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PretrainedError(f"device {device!r}: CUDA is not available on this machine")
-    try:
-        get_official_model_name(name)
-    except ValueError as exc:
-        raise PretrainedError(
-            f"unknown model {name!r}: not a TransformerLens model name (see "
-            "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)"
-        ) from exc
-    load = (
-        HookedTransformer.from_pretrained
-        if fold_ln
-        else HookedTransformer.from_pretrained_no_processing
-    )
-    try:
-        return load(name, device=device, dtype=torch_dtype)
-    except OSError as exc:  # no network and not in the Hugging Face cache
-        raise PretrainedError(
-            f"could not load {name!r} from the Hugging Face hub or its cache: {exc}"
-        ) from exc
 
 
 def release_entry(name: str) -> Any | None:
@@ -149,13 +107,13 @@ def load_transcoders(
     from tl_circuits.transcoders import CrossLayerTranscoder, TranscoderSet
     from tl_circuits.transcoders.cross_layer import CFG_FILE, CLT_FORMAT
 
-    torch_dtype = _dtype(dtype)
+    dtype_ = torch_dtype(dtype)
     path = Path(spec)
     if path.is_dir():
         cfg = path / CFG_FILE
         if cfg.is_file() and json.loads(cfg.read_text()).get("format") == CLT_FORMAT:
-            return CrossLayerTranscoder.load(path, device=device, dtype=torch_dtype)
-        return TranscoderSet.load(path, device=device).to(dtype=torch_dtype)
+            return CrossLayerTranscoder.load(path, device=device, dtype=dtype_)
+        return TranscoderSet.load(path, device=device).to(dtype=dtype_)
     if release_entry(spec) is None:
         raise PretrainedError(
             f"transcoders {spec!r}: not a directory and not an SAE-Lens release (releases "

@@ -29,14 +29,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_circuits.errors import TLCircuitsError
-from tl_circuits.prompt import Prompt, to_tokens
-from tl_circuits.replacement import (
-    Recording,
-    ReplacementContext,
-    recording_outputs,
-    splice_hooks,
-    validate_transcoders,
-)
+from tl_circuits.model.prompt import Prompt, to_tokens
+from tl_circuits.replacement.context import ReplacementContext, validate_transcoders
+from tl_circuits.replacement.splice import Recording, recording_outputs, splice_hooks
 from tl_circuits.transcoders.base import Transcoders
 from tl_circuits.typing import Float, typechecked
 

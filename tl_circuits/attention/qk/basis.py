@@ -32,12 +32,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tl_circuits.attention.qk.reverse import Method, ReverseHeadVectors, Side
 from tl_circuits.errors import QKError, UnsupportedArchitectureError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TOKEN
-from tl_circuits.linear import FrozenNorm, _frozen_norm
-from tl_circuits.prompt import Prompt, to_tokens
-from tl_circuits.qk_reverse import Method, ReverseHeadVectors, Side
+from tl_circuits.model.prompt import Prompt, to_tokens
+from tl_circuits.replacement.frozen import FrozenNorm, _frozen_norm
 from tl_circuits.typing import Int, typechecked
 
 BIAS = -1  #: component id of the bias term (the last row of a basis table)
@@ -146,7 +146,7 @@ class QKBasis:
         - ``"forward"``: propagate every node's write to ``resid_pre(layer)`` once (about
           one row per node; :func:`_graph_residuals`), shared by every head and position;
         - ``"reverse"``: one reverse pass per query / key dimension and position asked for
-          (``d_head`` rows per position; :mod:`tl_circuits.qk_reverse`), cached;
+          (``d_head`` rows per position; :mod:`tl_circuits.attention.qk.reverse`), cached;
         - ``"auto"`` (default): reverse while the seeds run stay within the forward
           propagation's row count, then the forward table for everything after; one head
           at a few positions costs a few reverse passes, all heads of a layer one forward

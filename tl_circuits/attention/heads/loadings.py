@@ -65,14 +65,14 @@ from torch import Tensor
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.context import graph_context
 from tl_circuits.graph.nodes import ERROR, FEATURE, KINDS, TARGET, TOKEN
-from tl_circuits.linear import FrozenLinearModel
+from tl_circuits.replacement.frozen import FrozenLinearModel
 from tl_circuits.typing import Bool, Float, Int, typechecked
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from tl_circuits.graph.graph import AttributionGraph
-    from tl_circuits.replacement import ReplacementContext
+    from tl_circuits.replacement.context import ReplacementContext
     from tl_circuits.transcoders.base import Transcoders
 
 

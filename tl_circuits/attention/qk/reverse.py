@@ -14,7 +14,7 @@ feature, ``G . error`` for each error, ``G . embedding`` for each token. Seeds f
 ``d_head`` dimensions x the requested positions are batched, so a question about one head
 and a few positions costs ``d_head x positions`` rows, not a propagation of every node.
 
-The values equal the forward propagation of :func:`tl_circuits.qk_bases._graph_residuals`
+The values equal the forward propagation of :func:`tl_circuits.attention.qk.basis._graph_residuals`
 projected by the same map (the reverse pass is its adjoint). Columns of active features,
 errors and tokens that are not nodes of the graph (a budget or pruning left them out) sum
 into ``EXCLUDED``.
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from tl_circuits.graph.build import FeatureEdgeSink
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TOKEN
-from tl_circuits.linear import BackwardWorkspace, SparseSeeds, _frozen_norm
+from tl_circuits.replacement.frozen import BackwardWorkspace, SparseSeeds, _frozen_norm
 
 Side = Literal["q", "k"]
 Method = Literal["auto", "forward", "reverse"]

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from tl_circuits.attention.qk.basis import QKBasis, QKError, Side, _side_head
 from tl_circuits.errors import UnsupportedArchitectureError
-from tl_circuits.qk_bases import QKBasis, QKError, Side, _side_head
 from tl_circuits.typing import Float, Int, typechecked
 
 

@@ -1,0 +1,1 @@
+"""Head loadings (DESIGN.md §3)."""

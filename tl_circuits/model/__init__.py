@@ -1,0 +1,2 @@
+"""Model plumbing: supported architectures and the MLP-input hook, prompts, loading
+TransformerLens models."""
