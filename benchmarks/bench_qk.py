@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_graph import gpt2_small_random, measure, random_prompt
 
-from tl_circuits.attention.qk.attribution import QKAttribution, QKBasis
+from tl_circuits import QKAttribution, QKBasis
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.testing import random_transcoders
 

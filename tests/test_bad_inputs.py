@@ -33,9 +33,9 @@ from tl_circuits import (
     TranscoderConfigError,
     TranscoderSet,
     UnsupportedArchitectureError,
-    validate_transcoders,
 )
 from tl_circuits.model.prompt import to_tokens
+from tl_circuits.replacement.context import validate_transcoders
 from tl_circuits.testing import random_clt, random_model
 
 N_LAYERS = 3  # the cached test models have 3 layers of width 32

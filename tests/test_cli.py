@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tl_circuits.attention.heads.loadings import HeadLoadings
 from tl_circuits.cli import main
 from tl_circuits.default import DEFAULT_PROMPTS
 from tl_circuits.graph import AttributionGraph
@@ -36,7 +37,8 @@ def test_trace_writes_everything(traced) -> None:
     full = AttributionGraph.load(out / "graph")
     pruned = AttributionGraph.load(out / "pruned")
     assert full.info["source"]["model"] == "default"
-    assert pruned.head_loadings is not None and pruned.head_loadings.n_edges == 30
+    loadings = HeadLoadings.load(out / "pruned", graph=pruned)
+    assert loadings.n_edges == 30
     # the printed answer is the model's: the fact prompt's top target is its known answer
     answer = DEFAULT_PROMPTS["fact"].answer
     top = max(full.targets, key=lambda t: t.probability)

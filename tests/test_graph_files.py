@@ -18,10 +18,10 @@ from tl_circuits.graph.files import (
     HEADER_FILE,
     METADATA_KEY,
     TENSOR_FILE,
-    export_json,
     load_graph,
     save_graph,
 )
+from tl_circuits.graph.frontend import frontend_json
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import NodeTable, Target, empty_nodes
 
@@ -459,7 +459,7 @@ def _mini_validate(x, schema: dict, where: str) -> None:
 
 
 def test_mini_validator_catches_errors():
-    doc = export_json(make_graph())
+    doc = frontend_json(make_graph())
     _mini_validate(doc, FRONTEND_SCHEMA, "$")
     bad = json.loads(json.dumps(doc))
     bad["links"][0]["weight"] = "1.0"
@@ -502,7 +502,7 @@ def test_export_schema_ids_and_links(tmp_path, density):
 
 def test_node_ids_follow_design():
     graph = make_graph()
-    nodes = export_json(graph)["nodes"]
+    nodes = frontend_json(graph)["nodes"]
     L1 = N_LAYERS + 1
     ids = [n["node_id"] for n in nodes]
     assert ids[:5] == ["0_7_1", "0_2_3", "1_7_2", "2_100_4", "2_7_5"]
@@ -525,12 +525,12 @@ def test_node_ids_follow_design():
 
 
 def test_logit_clerp_format():
-    nodes = export_json(make_graph())["nodes"]
+    nodes = frontend_json(make_graph())["nodes"]
     assert nodes[14]["clerp"] == 'Output " Paris" (p=0.612)'
     assert nodes[14]["token_prob"] == pytest.approx(0.61234)
     assert re.fullmatch(r'Output ".*" \(p=\d\.\d{3}\)', nodes[14]["clerp"])
     # a decoder, when given, names the token
-    nodes = export_json(make_graph(), decode=lambda t: {123: "\n", 456: "b"}[t])["nodes"]
+    nodes = frontend_json(make_graph(), decode=lambda t: {123: "\n", 456: "b"}[t])["nodes"]
     assert nodes[14]["clerp"] == 'Output "⏎" (p=0.612)'
     assert nodes[15]["clerp"] == 'Logit diff "⏎" - "b"'
 
@@ -562,7 +562,7 @@ def test_custom_target_ids_unique():
         excluded=graph.excluded,
         info=graph.info,
     )
-    doc = export_json(big)
+    doc = frontend_json(big)
     validate(doc)
     ids = [node["node_id"] for node in doc["nodes"]]
     assert len(set(ids)) == len(ids)
@@ -574,7 +574,7 @@ def test_custom_target_ids_unique():
 def test_prompt_is_plain_data(tmp_path):
     graph = make_graph()
     out = tmp_path / "g.json"
-    export_json(graph, out)
+    frontend_json(graph, out)
     text = out.read_text(encoding="utf-8")
     doc = json.loads(text)
     assert doc["metadata"]["prompt"] == PROMPT
@@ -585,14 +585,14 @@ def test_prompt_is_plain_data(tmp_path):
     assert "&lt;" not in text and "&amp;" not in text
     # without info["prompt"] the prompt falls back to the joined token strings
     graph.info.pop("prompt")
-    assert export_json(graph)["metadata"]["prompt"] == "".join(TOKEN_STRINGS)
+    assert frontend_json(graph)["metadata"]["prompt"] == "".join(TOKEN_STRINGS)
 
 
 def test_export_options_and_extra(tmp_path):
     graph = make_graph()
     influence = torch.linspace(0, 1, graph.n_nodes)
     influence[3] = float("nan")
-    doc = export_json(
+    doc = frontend_json(
         graph,
         slug="s",
         scan="my-scan",
@@ -619,9 +619,9 @@ def test_export_options_and_extra(tmp_path):
     assert block["qk"] is None
 
     # into a directory: {slug}.json plus the local server's graph-metadata.json index
-    export_json(graph, tmp_path, slug="first")
-    export_json(graph, tmp_path, slug="second")
-    export_json(graph, tmp_path, slug="first")
+    frontend_json(graph, tmp_path, slug="first")
+    frontend_json(graph, tmp_path, slug="second")
+    frontend_json(graph, tmp_path, slug="first")
     assert json.loads((tmp_path / "first.json").read_text())["metadata"]["slug"] == "first"
     index = json.loads((tmp_path / "graph-metadata.json").read_text())
     assert sorted(g["slug"] for g in index["graphs"]) == ["first", "second"]
@@ -630,7 +630,7 @@ def test_export_options_and_extra(tmp_path):
 def test_export_defaults_without_info():
     graph = make_graph()
     graph.info = {}
-    doc = export_json(graph)
+    doc = frontend_json(graph)
     validate(doc)
     assert doc["metadata"]["scan"] == "unknown"
     assert re.fullmatch(r"[a-z0-9-]+", doc["metadata"]["slug"])
@@ -642,4 +642,4 @@ def test_export_rejects_non_finite_edges():
     graph = make_graph(density=1.0)
     graph.adjacency[0, 5] = float("nan")
     with pytest.raises(NonFiniteError, match=r"adjacency\[0, 5\]"):
-        export_json(graph)
+        frontend_json(graph)

@@ -13,7 +13,7 @@ from conftest import cached_model, cached_transcoders, prompt_tokens
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_circuits import HeadLoadings, TLCircuitsError
-from tl_circuits.attention.heads.loadings import HeadLoadingError
+from tl_circuits.errors import HeadLoadingError
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.nodes import ERROR, FEATURE, TARGET, TOKEN
 from tl_circuits.graph.targets import target_values

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import cached_model, cached_transcoders, prompt_tokens
 
+from tl_circuits.attention.heads.loadings import HeadLoadings
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.export.picture import (
     _edges_to_draw,
@@ -23,9 +24,12 @@ from tl_circuits.graph.nodes import TOKEN
 def pruned() -> AttributionGraph:
     model = cached_model("gpt2")
     graph = AttributionGraph.build(model, cached_transcoders("gpt2", "relu"), prompt_tokens(8))
-    pruned = graph.prune()
-    pruned.compute_head_loadings()
-    return pruned
+    return graph.prune()
+
+
+@pytest.fixture(scope="module")
+def loadings(pruned: AttributionGraph) -> HeadLoadings:
+    return HeadLoadings.compute(pruned)
 
 
 def test_layout_rows_and_columns(pruned: AttributionGraph) -> None:
@@ -49,13 +53,14 @@ def test_edges_drawn_are_the_largest(pruned: AttributionGraph) -> None:
     assert float(weights.min()) >= float(torch.sort(all_weights, descending=True).values[9])
 
 
-def test_pictures_written_and_heads_named(pruned: AttributionGraph, tmp_path) -> None:
-    files = save_graph_picture(pruned, tmp_path / "g", label_heads=5)
+def test_pictures_written_and_heads_named(
+    pruned: AttributionGraph, loadings: HeadLoadings, tmp_path
+) -> None:
+    files = save_graph_picture(pruned, tmp_path / "g", head_loadings=loadings, label_heads=5)
     assert [f.suffix for f in files] == [".svg", ".png"]
     assert files[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = files[0].read_text()
     # the strongest cross-position edge's top head is named in the picture
-    loadings = pruned.head_loadings
     pos = pruned.nodes.pos
     cross = [i for i, (t, s) in enumerate(loadings.edges.tolist()) if pos[t] != pos[s]]
     best = max(cross, key=lambda i: abs(float(loadings.edge_values[i])))

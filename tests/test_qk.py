@@ -10,7 +10,9 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer
 
 from tl_circuits import AttributionGraph
-from tl_circuits.attention.qk.attribution import BIAS, EXCLUDED, QKAttribution, QKBasis, QKError
+from tl_circuits.attention.qk.attribution import QKAttribution
+from tl_circuits.attention.qk.basis import BIAS, EXCLUDED, QKBasis
+from tl_circuits.errors import QKError
 from tl_circuits.testing import FAMILIES
 
 F64 = torch.float64
@@ -308,7 +310,7 @@ def test_graph_basis_chunked_propagation_is_exact(
     """Small propagation chunks start late (layer) and truncate early positions; the node
     contributions must equal one whole-model, whole-prompt propagation, skip paths and
     post-attention norms included."""
-    import tl_circuits.attention.qk.basis as qk_bases
+    import tl_circuits.attention.qk.graph_basis as qk_bases
 
     graph = _graph(family, "jumprelu_skip")
     model = graph.context.model

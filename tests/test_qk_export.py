@@ -10,10 +10,13 @@ import pytest
 import torch
 from conftest import cached_model, cached_transcoders, prompt_tokens
 
-from tl_circuits.attention.qk.attribution import BIAS, EXCLUDED, QKAttribution, QKBasis
+from tl_circuits.attention.heads.loadings import HeadLoadings
+from tl_circuits.attention.qk.attribution import QKAttribution
+from tl_circuits.attention.qk.basis import BIAS, EXCLUDED, QKBasis
 from tl_circuits.errors import TLCircuitsError
+from tl_circuits.export.frontend import export_json
 from tl_circuits.graph import AttributionGraph
-from tl_circuits.graph.files import export_json, load_graph, save_graph
+from tl_circuits.graph.files import load_graph, save_graph
 
 F64 = torch.float64
 COMPONENT = {"type": "string", "minLength": 1}
@@ -71,20 +74,22 @@ SCHEMA = {
 }
 
 
-def _graph() -> AttributionGraph:
+def _graph() -> tuple[AttributionGraph, HeadLoadings]:
     model = cached_model("llama", False, F64)
     tcs = cached_transcoders("llama", "relu", False, F64)
     graph = AttributionGraph.build(model, tcs, prompt_tokens(), show_progress=False)
     pruned = graph.prune(node_threshold=0.6, edge_threshold=0.9)
-    pruned.compute_head_loadings()
-    return pruned
+    return pruned, HeadLoadings.compute(pruned)
 
 
 def test_export_qk_block(tmp_path) -> None:
-    graph = _graph()
+    graph, hl = _graph()
     k, top_heads = 4, 2
     doc = json.loads(
-        json.dumps(export_json(graph, top_heads=top_heads, qk_top_terms=k), allow_nan=False)
+        json.dumps(
+            export_json(graph, head_loadings=hl, top_heads=top_heads, qk_top_terms=k),
+            allow_nan=False,
+        )
     )
     block = doc["extra"]["tl_circuits"]["qk"]
     jsonschema.validate(block, SCHEMA)
@@ -124,14 +129,14 @@ def test_export_qk_block(tmp_path) -> None:
             checked += 1
     assert checked > 0
     # off by default; refused without head loadings or without the model (loaded graph)
-    assert export_json(graph)["extra"]["tl_circuits"]["qk"] is None
+    assert export_json(graph, head_loadings=hl)["extra"]["tl_circuits"]["qk"] is None
     loaded = load_graph(save_graph(graph, tmp_path / "g"))
     with pytest.raises(TLCircuitsError, match="loaded from disk"):
-        export_json(loaded, qk_top_terms=3)
-    with pytest.raises(TLCircuitsError, match="compute_head_loadings"):
-        export_json(graph.with_adjacency(graph.adjacency), qk_top_terms=3)
+        export_json(loaded, head_loadings=hl, qk_top_terms=3)
+    with pytest.raises(TLCircuitsError, match="needs head loadings"):
+        export_json(graph, qk_top_terms=3)
     with pytest.raises(TLCircuitsError, match="non-negative"):
-        export_json(graph, qk_top_terms=-1)
+        export_json(graph, head_loadings=hl, qk_top_terms=-1)
 
 
 def pytest_approx(x: float, rel: float = 1e-9):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_circuits.attention.qk.attribution import QKAttribution, QKBasis
+from tl_circuits.attention.qk.attribution import QKAttribution
+from tl_circuits.attention.qk.basis import QKBasis
 from tl_circuits.attention.qk.interventions import intervene_qk
 
 V, N, D_HEAD = 8, 12, 12

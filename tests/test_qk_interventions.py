@@ -9,8 +9,10 @@ from conftest import cached_model, cached_transcoders, prompt_tokens
 from jaxtyping import TypeCheckError
 
 from tl_circuits import AttributionGraph
-from tl_circuits.attention.qk.attribution import BIAS, QKAttribution, QKBasis, QKError
+from tl_circuits.attention.qk.attribution import QKAttribution
+from tl_circuits.attention.qk.basis import BIAS, QKBasis
 from tl_circuits.attention.qk.interventions import intervene_qk
+from tl_circuits.errors import QKError
 from tl_circuits.testing import FAMILIES
 
 F64 = torch.float64

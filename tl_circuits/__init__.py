@@ -1,27 +1,31 @@
 """tl_circuits: circuit tracing (attribution graphs, head loadings, QK attributions) for
-TransformerLens models with SAE-Lens transcoders. See DESIGN.md for the definitions."""
+TransformerLens models with SAE-Lens transcoders. See docs/DESIGN.md for the definitions
+and docs/ARCHITECTURE.md for where each stage lives.
 
+The names here are the user-facing API; plumbing stays in its modules
+(``tl_circuits.model``, ``.transcoders``, ``.replacement``, ``.graph``, ``.attention``,
+``.export``).
+"""
+
+from tl_circuits._version import __version__
 from tl_circuits.attention.heads.loadings import HeadLoadings
 from tl_circuits.attention.qk.attribution import QKAttribution
 from tl_circuits.attention.qk.basis import QKBasis
 from tl_circuits.attention.qk.interventions import QKInterventionResult, intervene_qk
 from tl_circuits.errors import (
+    HeadLoadingError,
     HookError,
     NonFiniteError,
+    PretrainedError,
     PromptError,
+    QKError,
     TLCircuitsError,
     TranscoderConfigError,
     UnsupportedArchitectureError,
 )
-from tl_circuits.graph import AttributionGraph
-from tl_circuits.model.hooks import install_mlp_input_hooks
-from tl_circuits.replacement.context import (
-    FeatureTable,
-    ReconstructionStats,
-    Recording,
-    ReplacementContext,
-    validate_transcoders,
-)
+from tl_circuits.export.frontend import export_json
+from tl_circuits.graph.graph import AttributionGraph
+from tl_circuits.replacement.context import ReplacementContext
 from tl_circuits.replacement.interventions import (
     FeatureIntervention,
     InterventionResult,
@@ -35,27 +39,25 @@ from tl_circuits.training import (
     evaluate_transcoders,
     train_transcoders,
 )
-from tl_circuits.transcoders import CrossLayerTranscoder, Encoder, Transcoders, TranscoderSet
-from tl_circuits.transcoders.loading import load_pretrained
-
-__version__ = "0.1.0"
+from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
+from tl_circuits.transcoders.loading import load_pretrained, load_transcoders
+from tl_circuits.transcoders.per_layer import TranscoderSet
 
 __all__ = [
     "AttributionGraph",
     "CrossLayerTranscoder",
-    "Encoder",
     "FeatureIntervention",
-    "FeatureTable",
+    "HeadLoadingError",
     "HeadLoadings",
     "HookError",
     "InterventionResult",
     "NonFiniteError",
+    "PretrainedError",
     "PromptError",
     "QKAttribution",
     "QKBasis",
+    "QKError",
     "QKInterventionResult",
-    "ReconstructionStats",
-    "Recording",
     "ReplacementContext",
     "TLCircuitsError",
     "TrainingConfig",
@@ -63,14 +65,14 @@ __all__ = [
     "TrainingResult",
     "TranscoderConfigError",
     "TranscoderSet",
-    "Transcoders",
     "UnsupportedArchitectureError",
+    "__version__",
     "evaluate_transcoders",
-    "install_mlp_input_hooks",
+    "export_json",
     "intervene",
     "intervene_qk",
     "load_pretrained",
+    "load_transcoders",
     "steered_generate",
     "train_transcoders",
-    "validate_transcoders",
 ]

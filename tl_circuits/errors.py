@@ -39,3 +39,8 @@ class QKError(TLCircuitsError):
 
 class PretrainedError(TLCircuitsError):
     """A model or transcoders named cannot be found or loaded."""
+
+
+class HeadLoadingError(TLCircuitsError):
+    """Head loadings cannot be computed, saved or loaded for these inputs (no context, bad
+    edges, loadings of another graph, ...)."""

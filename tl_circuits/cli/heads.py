@@ -8,7 +8,12 @@ from typing import Any
 
 import torch
 
-from tl_circuits.cli.options import add_source_options, graph_source, load_graph_dir
+from tl_circuits.cli.options import (
+    add_source_options,
+    graph_source,
+    load_graph_dir,
+    strongest_edges,
+)
 from tl_circuits.cli.sources import SourceError, load_source
 
 DESCRIPTION = """\
@@ -34,14 +39,17 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="only edges whose source and target sit at different positions",
     )
-    p.add_argument("--save", action="store_true", help="store the loadings in the graph folder")
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="write the loadings into the graph folder (head_loadings.safetensors)",
+    )
     add_source_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tl_circuits.cli.trace import _strongest_edges
-    from tl_circuits.graph.files import save_graph
+    from tl_circuits.attention.heads.loadings import HeadLoadings
 
     if args.edges < 1 or args.top < 1:
         raise SourceError("--edges and --top must be positive")
@@ -52,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if args.cross_position_only:
         pos = graph.nodes.pos
         adjacency = adjacency * (pos[:, None] != pos[None, :])
-    edges = _strongest_edges(adjacency, args.edges)
+    edges = strongest_edges(adjacency, args.edges)
     if edges.shape[0] == 0:
         raise SourceError("the graph has no edges to split")
-    loadings = graph.compute_head_loadings(edges, model=model, transcoders=transcoders)
+    loadings = HeadLoadings.compute(graph, edges, model=model, transcoders=transcoders)
     for i in range(loadings.n_edges):
         t, s = (int(x) for x in loadings.edges[i])
         value = float(loadings.edge_values[i])
@@ -75,9 +83,8 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     if args.save:
-        graph.context = None
-        path = save_graph(graph, _graph_folder(args.graph))
-        print(f"saved the loadings in {path}")
+        path = loadings.save(_graph_folder(args.graph))
+        print(f"saved the loadings to {path}")
     return 0
 
 

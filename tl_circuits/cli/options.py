@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tl_circuits.cli.sources import ModelSource, SourceError, load_source, source_from_args
 from tl_circuits.model.loading import DTYPES
 
@@ -69,3 +71,11 @@ def load_graph_dir(path: Path) -> Any:
 
 
 __all__ = ["add_source_options", "graph_source", "load_graph_dir", "load_source"]
+
+
+def strongest_edges(adjacency: torch.Tensor, k: int) -> torch.Tensor:
+    """``[n, 2]`` (target, source) of the ``k`` largest ``|A|`` entries of ``adjacency``
+    whose target is a feature or target row (error/token rows have no inputs)."""
+    nonzero = adjacency.nonzero()
+    weights = adjacency[nonzero[:, 0], nonzero[:, 1]].abs()
+    return nonzero[torch.argsort(weights, descending=True)[:k]]

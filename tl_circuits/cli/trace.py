@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tl_circuits.cli.options import add_source_options
+from tl_circuits.cli.options import add_source_options, strongest_edges
 from tl_circuits.cli.sources import DEFAULT, SourceError, load_source, source_from_args
 
 DESCRIPTION = """\
@@ -16,7 +16,7 @@ Trace a prompt: build its attribution graph (DESIGN.md §2) on the replacement m
 it, compute which attention heads carried its strongest edges, and write
 
   OUT/graph/     the full graph, lossless (safetensors + JSON; AttributionGraph.load)
-  OUT/pruned/    the pruned graph with its head loadings
+  OUT/pruned/    the pruned graph and its head loadings (head_loadings.safetensors)
   OUT/graph.json the pruned graph in the Neuronpedia / circuit-tracer frontend format
   OUT/graph.svg, OUT/graph.png  a picture: layers as rows, positions as columns
 
@@ -86,6 +86,8 @@ def resolve_prompt(args: argparse.Namespace, model_name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tl_circuits.attention.heads.loadings import HeadLoadings
+    from tl_circuits.export.frontend import export_json
     from tl_circuits.export.picture import save_graph_picture
     from tl_circuits.graph import AttributionGraph
 
@@ -107,29 +109,24 @@ def run(args: argparse.Namespace) -> int:
     _print_graph(graph)
 
     pruned = graph.prune(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    loadings = None
     if args.head_edges > 0:
-        edges = _strongest_edges(pruned.adjacency, args.head_edges)
+        edges = strongest_edges(pruned.adjacency, args.head_edges)
         if edges.shape[0]:
-            pruned.compute_head_loadings(edges)
-    _print_pruned(pruned)
+            loadings = HeadLoadings.compute(pruned, edges)
+    _print_pruned(pruned, loadings)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     written = [graph.save(out / "graph"), pruned.save(out / "pruned")]
-    pruned.to_json(out / "graph.json")
+    if loadings is not None:
+        written.append(loadings.save(out / "pruned"))
+    export_json(pruned, out / "graph.json", head_loadings=loadings)
     written.append(out / "graph.json")
     if not args.no_picture:
-        written += save_graph_picture(pruned, out / "graph")
+        written += save_graph_picture(pruned, out / "graph", head_loadings=loadings)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _strongest_edges(adjacency: torch.Tensor, k: int) -> torch.Tensor:
-    """``[n, 2]`` (target, source) of the ``k`` largest ``|A|`` entries of ``adjacency``
-    whose target is a feature or target row (error/token rows have no inputs)."""
-    nonzero = adjacency.nonzero()
-    weights = adjacency[nonzero[:, 0], nonzero[:, 1]].abs()
-    return nonzero[torch.argsort(weights, descending=True)[:k]]
 
 
 def _print_graph(graph: Any) -> None:
@@ -146,7 +143,7 @@ def _print_graph(graph: Any) -> None:
     )
 
 
-def _print_pruned(pruned: Any) -> None:
+def _print_pruned(pruned: Any, loadings: Any) -> None:
     scores = pruned.scores()
     n_edges = int((pruned.adjacency != 0).sum())
     print(
@@ -159,7 +156,6 @@ def _print_pruned(pruned: Any) -> None:
     for s in torch.argsort(row.abs(), descending=True)[:5].tolist():
         if float(row[s]) != 0.0:
             print(f"  {float(row[s]):+9.3f}  {pruned.node_label(s)}")
-    loadings = pruned.head_loadings
     if loadings is None:
         return
     pos = pruned.nodes.pos

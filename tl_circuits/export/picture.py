@@ -4,8 +4,8 @@ Layout: token positions are columns (labelled with the prompt's tokens), rows ar
 the bottom, the embeddings, each transcoder layer's features and errors, and the targets
 (logits) on top. Nodes sharing a (row, position) cell are spread side by side. Edges are
 straight lines from source to target, coloured by sign (blue positive, red negative) with
-width and opacity proportional to ``|A[t, s]|`` relative to the largest edge drawn. When
-the graph carries head loadings, the strongest cross-position edges are labelled with the
+width and opacity proportional to ``|A[t, s]|`` relative to the largest edge drawn. Given
+head loadings, the strongest cross-position edges are labelled with the
 attention heads that carried them (``L1H3``), largest loading first.
 
 The picture is meant for a pruned graph (tens to a few hundred nodes); ``max_edges``
@@ -29,6 +29,7 @@ from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.nodes import ERROR, FEATURE, TARGET, TOKEN
 
 if TYPE_CHECKING:
+    from tl_circuits.attention.heads.loadings import HeadLoadings
     from tl_circuits.graph.graph import AttributionGraph
 
 POSITIVE, NEGATIVE = "#2b6cb0", "#c53030"
@@ -89,12 +90,17 @@ def _edges_to_draw(
     return nonzero
 
 
-def _head_labels(graph: AttributionGraph, edges: torch.Tensor, n_label: int) -> dict[int, str]:
+def _head_labels(
+    graph: AttributionGraph,
+    loadings: HeadLoadings | None,
+    edges: torch.Tensor,
+    n_label: int,
+) -> dict[int, str]:
     """Row in ``edges`` -> ``"L1H3 L0H2"`` for the ``n_label`` strongest cross-position
     edges whose head loadings are known."""
-    loadings = graph.head_loadings
     if loadings is None or n_label <= 0:
         return {}
+    loadings.check_graph(graph)
     pos = graph.nodes.pos
     known = {(int(t), int(s)): i for i, (t, s) in enumerate(loadings.edges.tolist())}
     weights = graph.adjacency[edges[:, 0], edges[:, 1]].abs()
@@ -116,6 +122,7 @@ def _head_labels(graph: AttributionGraph, edges: torch.Tensor, n_label: int) -> 
 def draw_graph(
     graph: AttributionGraph,
     *,
+    head_loadings: HeadLoadings | None = None,
     max_nodes: int = 40,
     max_edges: int = 300,
     label_heads: int = 8,
@@ -126,7 +133,7 @@ def draw_graph(
     ``max_nodes``: draw the tokens, the targets and this many feature/error nodes (the most
     influential); ``max_edges``: draw only the largest ``|A[t, s]|`` edges between drawn
     nodes; ``label_heads``: how many cross-position edges to label with their top heads
-    (needs ``graph.head_loadings``).
+    (from ``head_loadings``, :meth:`HeadLoadings.compute` of this graph).
     """
     for name, value in (("max_nodes", max_nodes), ("max_edges", max_edges)):
         if value <= 0:
@@ -142,7 +149,7 @@ def draw_graph(
     if edges.shape[0]:
         weights = graph.adjacency[edges[:, 0], edges[:, 1]]
         scale = float(weights.abs().max())
-        labels = _head_labels(graph, edges, label_heads)
+        labels = _head_labels(graph, head_loadings, edges, label_heads)
         # weakest first, so strong edges are drawn on top
         for row in torch.argsort(weights.abs()).tolist():
             t, s = int(edges[row, 0]), int(edges[row, 1])
@@ -228,7 +235,7 @@ def save_graph_picture(
     **options: object,
 ) -> list[Path]:
     """Draw ``graph`` and write ``path`` with each suffix in ``formats``; returns the files.
-    ``options`` go to :func:`draw_graph`."""
+    ``options`` go to :func:`draw_graph` (``head_loadings=`` labels edges with heads)."""
     unknown = set(formats) - {"svg", "png", "pdf"}
     if unknown:
         raise TLCircuitsError(f"unsupported picture formats {sorted(unknown)}; use svg, png, pdf")

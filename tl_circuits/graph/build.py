@@ -1,12 +1,13 @@
 """Building an attribution graph: nodes, targets and exact direct-effect edges.
 
-Edges come from reverse-mode passes of :class:`~tl_circuits.replacement.frozen.FrozenLinearModel`
-seeded at target rows: a feature row's seed is its encoder vector ``W_enc[:, f]`` on
-``x_in(layer)`` at its position; a target's seed is its read-out vector on the final norm's
-output. As the gradient ``G_l`` on each MLP output passes by, the edges from sources that
-write there are read off: a feature ``(s, p, f)`` contributes ``a * W_dec^(s->l)[f] · G_l[p]``
-summed over the layers it writes to; an error ``(l, p)`` contributes ``error_l[p] · G_l[p]``;
-a token ``p`` contributes ``embedding[p] · G_embed[p]``.
+Edges come from reverse-mode passes of
+:class:`~tl_circuits.replacement.frozen.FrozenLinearModel` seeded at target rows: a feature
+row's seed is its encoder vector ``W_enc[:, f]`` on ``x_in(layer)`` at its position; a
+target's seed is its read-out vector on the final norm's output. As the gradient ``G_l`` on
+each MLP output passes by, the edges from sources that write there are read off
+(:class:`~tl_circuits.replacement.sources.ColumnSink`): a feature ``(s, p, f)`` contributes
+``a * W_dec^(s->l)[f] · G_l[p]`` summed over the layers it writes to; an error ``(l, p)``
+contributes ``error_l[p] · G_l[p]``; a token ``p`` contributes ``embedding[p] · G_embed[p]``.
 
 The constants ``c_t`` (biases, ``b_dec``, ``b_V``/``b_O``, norm biases, ``b_U``) come from an
 independent forward pass of the replacement model with every node set to zero.
@@ -15,6 +16,7 @@ independent forward pass of the replacement model with every node set to zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -27,10 +29,8 @@ from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.causal_adjacency import CausalAdjacency, causal_groups
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import (
-    ERROR,
     FEATURE,
     TARGET,
-    TOKEN,
     NodeTable,
     Target,
     normalized_target_weights,
@@ -39,111 +39,8 @@ from tl_circuits.graph.targets import resolve_targets, target_values
 from tl_circuits.model.prompt import Prompt
 from tl_circuits.replacement.context import FeatureTable, ReplacementContext
 from tl_circuits.replacement.frozen import BackwardWorkspace, SparseSeeds
+from tl_circuits.replacement.sources import ColumnSink, SourceColumns
 from tl_circuits.transcoders.base import Transcoders
-
-
-class FeatureEdgeSink:
-    """Turns MLP-output gradients into edge values for one batch of rows, in place.
-
-    Active features are sorted by (layer, pos, feature), so the columns of the features of
-    source layer ``s`` at position ``p`` form one range ``[c0, c1)``. For each write layer
-    ``l`` and each such range, the decoder rows ``W_dec^(s->l)[f]`` are gathered into a
-    reused buffer and one GEMM ``G_l[:, p] @ W_dec[f].T`` accumulates into the columns; the
-    activations scale the feature columns once per batch (:meth:`finish`). Rows are written
-    into a ``[batch_size, n_cols]`` buffer allocated once.
-    """
-
-    def __init__(
-        self, ctx: ReplacementContext, features: FeatureTable, n_cols: int, batch_size: int
-    ) -> None:
-        tcs = ctx.transcoders
-        self.ctx = ctx
-        self.n_cols = n_cols
-        self.n_features = len(features)
-        n_pos, dtype, device = ctx.n_pos, ctx.embeddings.dtype, ctx.embeddings.device
-        self.feature_ids = features.feature
-        self.activation = features.activation.to(dtype)
-        key = features.layer * n_pos + features.pos  # non-decreasing: features are sorted
-        counts = torch.bincount(key, minlength=ctx.n_layers * n_pos)
-        ends = torch.cumsum(counts, 0)
-        # groups[l]: (source layer, pos, c0, c1) of every feature group writing to layer l
-        self.groups: dict[int, list[tuple[int, int, int, int]]] = {}
-        for flat in counts.nonzero(as_tuple=True)[0].tolist():
-            s, pos = divmod(flat, n_pos)
-            c1 = int(ends[flat])
-            c0 = c1 - int(counts[flat])
-            for layer in tcs.target_layers(s):
-                self.groups.setdefault(layer, []).append((s, pos, c0, c1))
-        widest = int(counts.max()) if len(features) else 0
-        d_model = ctx.model.cfg.d_model
-        self.gathered = torch.empty(widest, d_model, dtype=dtype, device=device)
-        self.error_cols = [self.n_features + la * n_pos for la in range(ctx.n_layers)]
-        self.token_col = self.n_features + ctx.n_layers * n_pos
-        self.buffer = torch.empty(batch_size, n_cols, dtype=dtype, device=device)
-        self.edges = self.buffer[:0]
-
-    def start(self, batch: int) -> None:
-        self.edges = self.buffer[:batch]
-        self.edges.zero_()
-
-    def mlp_out(self, layer: int, grad: Tensor) -> None:
-        n_pos = grad.shape[1]
-        decoders = self.ctx.transcoders
-        for s, pos, c0, c1 in self.groups.get(layer, []):
-            if pos >= n_pos:  # the batch's rows end before pos: zero gradient there
-                continue
-            dec = self.gathered[: c1 - c0]
-            torch.index_select(decoders.decoder(s, layer), 0, self.feature_ids[c0:c1], out=dec)
-            self.edges[:, c0:c1].addmm_(grad[:, pos], dec.T)
-        self._dot_per_position(grad, self.ctx.errors[layer], self.error_cols[layer])
-
-    def embeddings(self, grad: Tensor) -> None:
-        self._dot_per_position(grad, self.ctx.embeddings, self.token_col)
-
-    def _dot_per_position(self, grad: Tensor, values: Tensor, col: int) -> None:
-        """``edges[:, col + p] = grad[:, p] · values[p]`` for every position ``p`` of grad."""
-        n_pos = grad.shape[1]
-        dots = torch.bmm(grad.transpose(0, 1), values[:n_pos, :, None])  # [pos, B, 1]
-        self.edges[:, col : col + n_pos].copy_(dots[..., 0].T)
-
-    def finish(self) -> Tensor:
-        """The batch's rows ``[batch, n_cols]`` (a view of the reused buffer)."""
-        self.edges[:, : self.n_features].mul_(self.activation)
-        return self.edges
-
-
-def _layout(
-    feature_layer: Tensor, feature_pos: Tensor, n_layers: int, n_pos: int, targets: list[Target]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Kind, layer and position of every node, in node order: the features (given), errors
-    ``(layer, pos)`` layer-major, tokens, targets (layer ``n_layers``)."""
-    long = dict(dtype=torch.long)
-    n_feat, n_err, n_tgt = len(feature_layer), n_layers * n_pos, len(targets)
-    kind = torch.cat(
-        [
-            torch.full((n_feat,), FEATURE, **long),
-            torch.full((n_err,), ERROR, **long),
-            torch.full((n_pos,), TOKEN, **long),
-            torch.full((n_tgt,), TARGET, **long),
-        ]
-    )
-    layer = torch.cat(
-        [
-            feature_layer,
-            torch.arange(n_layers).repeat_interleave(n_pos),
-            torch.full((n_pos,), -1, **long),
-            torch.full((n_tgt,), n_layers, **long),
-        ]
-    )
-    pos = torch.cat(
-        [
-            feature_pos,
-            torch.arange(n_pos).repeat(n_layers),
-            torch.arange(n_pos),
-            torch.tensor([t.pos for t in targets], **long),
-        ]
-    )
-    return kind, layer, pos
 
 
 def _zero_node_constants(ctx: ReplacementContext) -> tuple[list[Tensor], Tensor]:
@@ -200,6 +97,10 @@ def build_graph(
     targets computed as rows arrive; the others are listed in ``graph.excluded``.
     ``batch_size``: rows per reverse pass. ``memory_limit_bytes``: refuse when the estimate
     exceeds it (default: the available system memory).
+
+    Phases: plan (replacement context, targets, columns) -> check memory -> constants
+    (zero-node pass) -> rows (reverse passes; all features, or chosen by influence under a
+    budget) -> row values -> assemble.
     """
     if max_feature_nodes is not None and max_feature_nodes <= 0:
         raise TLCircuitsError(f"max_feature_nodes must be positive, got {max_feature_nodes}")
@@ -213,128 +114,239 @@ def build_graph(
         desired_probability=desired_logit_prob,
         max_logits=max_n_logits,
     )
-    active = ctx.active_features()
-    n_feat, n_layers, n_pos = len(active), ctx.n_layers, ctx.n_pos
-    n_tgt = len(target_list)
-    n_cols = n_feat + n_layers * n_pos + n_pos + n_tgt
-    budget = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
-    groups = None
-    if budget == n_feat:  # a full graph: edges go into causal blocks
-        layout = _layout(active.layer, active.pos, n_layers, n_pos, target_list)
-        groups = causal_groups(*layout)
-    need = estimate_memory_bytes(
-        budget + n_tgt,
-        n_cols,
-        n_pos,
-        ctx.model.cfg.d_model,
-        batch_size,
-        n_layers,
-        ctx.embeddings.element_size(),
-        budgeted=budget < n_feat,
-        stored_elements=None if groups is None else sum(len(r) * len(c) for r, c in groups),
-    )
-    limit = (
-        memory_limit_bytes if memory_limit_bytes is not None else psutil.virtual_memory().available
-    )
-    if need > limit:
-        raise TLCircuitsError(
-            f"this graph needs about {need / 2**30:.2f} GiB ({budget} feature rows x {n_cols} "
-            f"columns) but {limit / 2**30:.2f} GiB is available; lower max_feature_nodes "
-            f"(now {max_feature_nodes}) or batch_size (now {batch_size})"
-        )
-
-    lin = ctx.linear
+    plan = _Plan.of(ctx, target_list, max_feature_nodes)
+    need, limit = _check_memory(plan, batch_size, memory_limit_bytes, max_feature_nodes)
     # the constants' zero-node forward pass runs before the adjacency exists, so its
     # transients (the unembedding) never coincide with it
     zero_pres, zero_final = _zero_node_constants(ctx)
-    sink = FeatureEdgeSink(ctx, active, n_cols, max(batch_size, n_tgt))
-    workspace = BackwardWorkspace(lin, max(batch_size, n_tgt), n_pos, dtype, device)
-
-    def run_batch(feature_rows: Tensor | None, target_rows: list[Target] | None) -> Tensor:
-        """Rows of one batch ``[batch, n_cols]``: a view of the sink's reused buffer."""
-        seeds: dict[int, SparseSeeds] = {}
-        final_seed = None
-        if feature_rows is not None:
-            batch = len(feature_rows)
-            layers, poss = active.layer[feature_rows], active.pos[feature_rows]
-            n_pos_batch = int(poss.max()) + 1
-            for layer in layers.unique().tolist():
-                in_layer = (layers == layer).nonzero(as_tuple=True)[0]
-                idx = feature_rows[in_layer]
-                w_enc = transcoders.encoder(layer).W_enc[:, active.feature[idx]].T
-                seeds[layer] = SparseSeeds(in_layer, active.pos[idx], w_enc)
-        else:
-            assert target_rows is not None
-            batch = len(target_rows)
-            n_pos_batch = max(t.pos for t in target_rows) + 1
-            d_model = ctx.model.cfg.d_model
-            final_seed = torch.zeros(batch, n_pos_batch, d_model, dtype=dtype, device=device)
-            for i, t in enumerate(target_rows):
-                final_seed[i, t.pos] = t.vector
-        sink.start(batch)
-        g_embed = lin.backward(
-            seeds, final_seed, sink, batch, n_pos=n_pos_batch, workspace=workspace
-        )
-        sink.embeddings(g_embed)
-        return sink.finish()
-
+    passes = _RowPasses(plan, batch_size)
     progress = tqdm(
-        total=n_tgt + budget,
+        total=plan.n_targets + plan.budget,
         desc="attribution rows",
         unit="row",
         disable=not show_progress,
         postfix={"est. memory": f"{need / 2**30:.2f} of {limit / 2**30:.1f} GiB"},
     )
     with torch.no_grad():
-        if budget == n_feat:
-            # every feature is a node: columns are already in node order; rows go into
-            # causal blocks (a feature row only has sources in earlier layers at positions
-            # up to its own), about a quarter of the dense matrix
-            assert groups is not None
-            adjacency = CausalAdjacency.from_groups(n_cols, groups, dtype, device)
-            target_rows = torch.arange(n_cols - n_tgt, n_cols)
-            adjacency.set_rows(target_rows, run_batch(None, target_list))
-            progress.update(n_tgt)
-            order = torch.argsort(active.layer, descending=True, stable=True)
-            for start in range(0, n_feat, batch_size):
-                idx = order[start : start + batch_size]
-                adjacency.set_rows(idx, run_batch(idx, None))
-                progress.update(len(idx))
-            sel = torch.arange(n_feat)
-            n_nodes = n_cols
+        if plan.full:
+            edges, selected = _all_feature_rows(plan, passes, batch_size, progress)
         else:
-            rows = torch.zeros(n_tgt + budget, n_cols, dtype=dtype, device=device)
-            rows[:n_tgt] = run_batch(None, target_list)
-            progress.update(n_tgt)
-            chosen = _select_by_influence(
-                rows, n_tgt, n_feat, budget, batch_size, target_list, run_batch, progress
-            )
-            sel, perm = torch.sort(chosen)  # features in (layer, pos, feature) order
-            keep_cols = torch.cat([sel, torch.arange(n_feat, n_cols)])
-            n_nodes = len(keep_cols)
-            adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype, device=device)
-            kept = rows.index_select(1, keep_cols)  # [n_tgt + budget, n_nodes]: small
-            del rows
-            adjacency[:budget] = kept[n_tgt + perm]
-            adjacency[n_nodes - n_tgt :] = kept[:n_tgt]
-            del kept
+            edges, selected = _budgeted_rows(plan, passes, batch_size, progress)
     progress.close()
+    row_values, constants = _row_values(plan, selected, zero_pres, zero_final)
+    return _assemble(plan, selected, edges, row_values, constants, max_feature_nodes)
 
+
+@dataclass
+class _Plan:
+    """What a build computes: its context, targets, source columns and feature budget.
+
+    Columns of the rows: the source columns (:class:`SourceColumns`) then the targets'.
+    ``groups``: the causal row groups of a full graph (None under a budget)."""
+
+    ctx: ReplacementContext
+    targets: list[Target]
+    columns: SourceColumns
+    budget: int
+    groups: list[tuple[Tensor, Tensor]] | None
+
+    @classmethod
+    def of(cls, ctx: ReplacementContext, targets: list[Target], max_features: int | None) -> _Plan:
+        columns = SourceColumns.of(ctx)
+        n_feat = columns.n_features
+        budget = n_feat if max_features is None else min(max_features, n_feat)
+        groups = None
+        if budget == n_feat:  # a full graph: edges go into causal blocks
+            groups = causal_groups(*_node_layout(columns, None, targets))
+        return cls(ctx, targets, columns, budget, groups)
+
+    @property
+    def full(self) -> bool:
+        return self.groups is not None
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.targets)
+
+    @property
+    def n_cols(self) -> int:
+        return self.columns.n_cols + self.n_targets
+
+
+def _node_layout(
+    columns: SourceColumns, features: Tensor | None, targets: list[Target]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kind, layer and position of every node: the source columns (with only the
+    ``features`` rows among the features; default all), then the targets (layer
+    ``n_layers``, read after the last block)."""
+    kind, layer, pos = columns.layout(features)
+    n_tgt = len(targets)
+    return (
+        torch.cat([kind, torch.full((n_tgt,), TARGET, dtype=torch.long)]),
+        torch.cat([layer, torch.full((n_tgt,), columns.n_layers, dtype=torch.long)]),
+        torch.cat([pos, torch.tensor([t.pos for t in targets], dtype=torch.long)]),
+    )
+
+
+def _check_memory(
+    plan: _Plan, batch_size: int, memory_limit_bytes: int | None, max_feature_nodes: int | None
+) -> tuple[int, int]:
+    """``(estimated bytes, limit)``; raises when the estimate exceeds the limit (default:
+    the available system memory)."""
+    ctx = plan.ctx
+    stored = None if plan.groups is None else sum(len(r) * len(c) for r, c in plan.groups)
+    need = estimate_memory_bytes(
+        plan.budget + plan.n_targets,
+        plan.n_cols,
+        ctx.n_pos,
+        ctx.model.cfg.d_model,
+        batch_size,
+        ctx.n_layers,
+        ctx.embeddings.element_size(),
+        budgeted=not plan.full,
+        stored_elements=stored,
+    )
+    limit = (
+        memory_limit_bytes if memory_limit_bytes is not None else psutil.virtual_memory().available
+    )
+    if need > limit:
+        raise TLCircuitsError(
+            f"this graph needs about {need / 2**30:.2f} GiB ({plan.budget} feature rows x "
+            f"{plan.n_cols} columns) but {limit / 2**30:.2f} GiB is available; lower "
+            f"max_feature_nodes (now {max_feature_nodes}) or batch_size (now {batch_size})"
+        )
+    return need, limit
+
+
+class _RowPasses:
+    """Rows of the adjacency by reverse passes of the frozen linear model: a feature row is
+    seeded with its encoder vector ``W_enc[:, f]`` on ``x_in(layer)`` at its position, a
+    target row with its read-out vector on the final norm's output. Each batch returns
+    ``[batch, n_cols]``, a view of one reused buffer."""
+
+    def __init__(self, plan: _Plan, batch_size: int) -> None:
+        ctx = plan.ctx
+        self.ctx, self.features = ctx, plan.columns.features
+        width = max(batch_size, plan.n_targets)
+        self.sink = ColumnSink(ctx, plan.columns, plan.n_cols, width)
+        dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+        self.workspace = BackwardWorkspace(ctx.linear, width, ctx.n_pos, dtype, device)
+
+    def feature_rows(self, rows: Tensor) -> Tensor:
+        """Rows of the active features ``rows`` (indices into the feature table)."""
+        features, tcs = self.features, self.ctx.transcoders
+        layers, poss = features.layer[rows], features.pos[rows]
+        seeds: dict[int, SparseSeeds] = {}
+        for layer in layers.unique().tolist():
+            in_layer = (layers == layer).nonzero(as_tuple=True)[0]
+            idx = rows[in_layer]
+            w_enc = tcs.encoder(layer).W_enc[:, features.feature[idx]].T
+            seeds[layer] = SparseSeeds(in_layer, features.pos[idx], w_enc)
+        return self._run(seeds, None, len(rows), int(poss.max()) + 1)
+
+    def target_rows(self, targets: list[Target]) -> Tensor:
+        """Rows of ``targets``."""
+        ctx = self.ctx
+        n_pos = max(t.pos for t in targets) + 1
+        dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+        seed = torch.zeros(len(targets), n_pos, ctx.model.cfg.d_model, dtype=dtype, device=device)
+        for i, t in enumerate(targets):
+            seed[i, t.pos] = t.vector
+        return self._run({}, seed, len(targets), n_pos)
+
+    def _run(
+        self, seeds: dict[int, SparseSeeds], final_seed: Tensor | None, batch: int, n_pos: int
+    ) -> Tensor:
+        self.sink.start(batch)
+        g_embed = self.ctx.linear.backward(
+            seeds, final_seed, self.sink, batch, n_pos=n_pos, workspace=self.workspace
+        )
+        self.sink.embeddings(g_embed)
+        return self.sink.finish()
+
+
+def _all_feature_rows(
+    plan: _Plan, passes: _RowPasses, batch_size: int, progress: tqdm
+) -> tuple[CausalAdjacency, Tensor]:
+    """Every feature's row and the targets' into causal blocks (a feature row only has
+    sources in earlier layers at positions up to its own: about a quarter of the dense
+    matrix). Columns are already in node order. Returns the edges and the selected
+    features (all)."""
+    ctx, n_cols, n_tgt = plan.ctx, plan.n_cols, plan.n_targets
+    assert plan.groups is not None
+    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+    adjacency = CausalAdjacency.from_groups(n_cols, plan.groups, dtype, device)
+    adjacency.set_rows(torch.arange(n_cols - n_tgt, n_cols), passes.target_rows(plan.targets))
+    progress.update(n_tgt)
+    n_feat = plan.columns.n_features
+    order = torch.argsort(plan.columns.features.layer, descending=True, stable=True)
+    for start in range(0, n_feat, batch_size):
+        idx = order[start : start + batch_size]
+        adjacency.set_rows(idx, passes.feature_rows(idx))
+        progress.update(len(idx))
+    return adjacency, torch.arange(n_feat)
+
+
+def _budgeted_rows(
+    plan: _Plan, passes: _RowPasses, batch_size: int, progress: tqdm
+) -> tuple[Tensor, Tensor]:
+    """The targets' rows, then ``budget`` feature rows chosen by influence as rows arrive
+    (:func:`_select_by_influence`); returns the dense adjacency over the chosen features,
+    errors, tokens and targets, and the chosen features (ascending)."""
+    ctx, n_tgt, n_cols = plan.ctx, plan.n_targets, plan.n_cols
+    n_feat, budget = plan.columns.n_features, plan.budget
+    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+    rows = torch.zeros(n_tgt + budget, n_cols, dtype=dtype, device=device)
+    rows[:n_tgt] = passes.target_rows(plan.targets)
+    progress.update(n_tgt)
+    chosen = _select_by_influence(
+        rows, n_tgt, n_feat, budget, batch_size, plan.targets, passes, progress
+    )
+    selected, perm = torch.sort(chosen)  # features in (layer, pos, feature) order
+    keep_cols = torch.cat([selected, torch.arange(n_feat, n_cols)])
+    n_nodes = len(keep_cols)
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype, device=device)
+    kept = rows.index_select(1, keep_cols)  # [n_tgt + budget, n_nodes]: small
+    del rows
+    adjacency[:budget] = kept[n_tgt + perm]
+    adjacency[n_nodes - n_tgt :] = kept[:n_tgt]
+    return adjacency, selected
+
+
+def _row_values(
+    plan: _Plan, selected: Tensor, zero_pres: list[Tensor], zero_final: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(row_values, constants)`` ``[n_nodes]``: each selected feature's pre-activation and
+    each target's value, and the parts of them due to constants (G1)."""
+    ctx, features, n_tgt = plan.ctx, plan.columns.features, plan.n_targets
+    n_nodes = len(selected) + plan.columns.n_cols - plan.columns.n_features + n_tgt
+    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
     constants = torch.zeros(n_nodes, dtype=dtype, device=device)
     row_values = torch.zeros(n_nodes, dtype=dtype, device=device)
-    layers, poss, feats = active.layer[sel], active.pos[sel], active.feature[sel]
-    for layer in range(n_layers):
+    layers, poss = features.layer[selected], features.pos[selected]
+    feats = features.feature[selected]
+    for layer in range(ctx.n_layers):
         mask = (layers == layer).nonzero(as_tuple=True)[0]
         constants[mask] = zero_pres[layer][poss[mask], feats[mask]]
         row_values[mask] = ctx.pre_activations[layer][poss[mask], feats[mask]]
-    constants[n_nodes - n_tgt :] = target_values(target_list, zero_final)
-    row_values[n_nodes - n_tgt :] = target_values(target_list, ctx.final_normalized)
+    constants[n_nodes - n_tgt :] = target_values(plan.targets, zero_final)
+    row_values[n_nodes - n_tgt :] = target_values(plan.targets, ctx.final_normalized)
+    return row_values, constants
 
-    nodes = _node_table(ctx, active, sel, target_list, row_values[n_nodes - n_tgt :])
-    excluded_idx = torch.ones(n_feat, dtype=torch.bool)
-    excluded_idx[sel] = False
-    excluded = _feature_nodes(active, excluded_idx.nonzero(as_tuple=True)[0])
+
+def _assemble(
+    plan: _Plan,
+    selected: Tensor,
+    edges: Tensor | CausalAdjacency,
+    row_values: Tensor,
+    constants: Tensor,
+    max_feature_nodes: int | None,
+) -> AttributionGraph:
+    """The graph: node table, excluded features, info and the prompt."""
+    ctx, features = plan.ctx, plan.columns.features
+    nodes = _node_table(ctx, plan, selected, row_values[len(row_values) - plan.n_targets :])
+    left_out = torch.ones(len(features), dtype=torch.bool)
+    left_out[selected] = False
     cfg = ctx.model.cfg
     info = {
         "model_name": cfg.model_name,
@@ -343,10 +355,10 @@ def build_graph(
         "d_model": cfg.d_model,
         "d_vocab": cfg.d_vocab,
         "architecture": cfg.original_architecture,
-        "transcoders": type(transcoders).__name__,
+        "transcoders": type(ctx.transcoders).__name__,
         "prompt": ctx.model.to_string(ctx.tokens) if ctx.model.tokenizer is not None else None,
         "max_feature_nodes": max_feature_nodes,
-        "n_active_features": n_feat,
+        "n_active_features": len(features),
     }
     token_strings = (
         ctx.model.to_str_tokens(ctx.tokens)
@@ -355,13 +367,13 @@ def build_graph(
     )
     return AttributionGraph(
         nodes=nodes,
-        edges=adjacency,
+        edges=edges,
         row_values=row_values,
         constants=constants,
-        targets=target_list,
+        targets=plan.targets,
         tokens=ctx.tokens.clone(),
         token_strings=list(token_strings),
-        excluded=excluded,
+        excluded=_feature_nodes(features, left_out.nonzero(as_tuple=True)[0]),
         info=info,
         context=ctx,
     )
@@ -374,8 +386,8 @@ def _select_by_influence(
     budget: int,
     batch_size: int,
     target_list: list[Target],
-    run_batch,
-    progress,
+    passes: _RowPasses,
+    progress: tqdm,
 ) -> Tensor:
     """Compute feature rows in order of influence on the targets until ``budget``.
 
@@ -397,7 +409,7 @@ def _select_by_influence(
         idx = torch.argsort(influence, descending=True)[:take]
         visited[idx] = True
         new = slice(n_tgt + n_done, n_tgt + n_done + take)
-        rows[new] = run_batch(idx, None)
+        rows[new] = passes.feature_rows(idx)
         totals[new] = rows[new].abs().sum(1)
         chosen = torch.cat([chosen, idx])
         progress.update(take)
@@ -454,18 +466,14 @@ def _feature_nodes(active: FeatureTable, idx: Tensor) -> NodeTable:
 
 
 def _node_table(
-    ctx: ReplacementContext,
-    active: FeatureTable,
-    sel: Tensor,
-    target_list: list[Target],
-    target_vals: Tensor,
+    ctx: ReplacementContext, plan: _Plan, selected: Tensor, target_vals: Tensor
 ) -> NodeTable:
+    """Nodes: the selected features, every error, every token, the targets."""
     n_layers, n_pos = ctx.n_layers, ctx.n_pos
-    feats = _feature_nodes(active, sel)
+    feats = _feature_nodes(plan.columns.features, selected)
     err_norm = torch.stack([ctx.errors[la].norm(dim=-1) for la in range(n_layers)]).reshape(-1)
-    n_err = n_layers * n_pos
     long = dict(dtype=torch.long)
-    kind, layer, pos = _layout(feats.layer, feats.pos, n_layers, n_pos, target_list)
+    kind, layer, pos = _node_layout(plan.columns, selected, plan.targets)
     return NodeTable(
         kind=kind,
         layer=layer,
@@ -473,8 +481,8 @@ def _node_table(
         feature=torch.cat(
             [
                 feats.feature,
-                torch.full((n_err + n_pos,), -1, **long),
-                torch.tensor([t.token for t in target_list], **long),
+                torch.full((n_layers * n_pos + n_pos,), -1, **long),
+                torch.tensor([t.token for t in plan.targets], **long),
             ]
         ),
         activation=torch.cat(

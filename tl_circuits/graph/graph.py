@@ -2,7 +2,9 @@
 
 The maths lives in sibling modules: :mod:`~tl_circuits.graph.build` (nodes and edges),
 :mod:`~tl_circuits.graph.pruning` (influence, pruning, scores),
-:mod:`~tl_circuits.graph.files` (save/load and the Neuronpedia JSON export).
+:mod:`~tl_circuits.graph.files` (lossless save/load), :mod:`~tl_circuits.graph.frontend`
+(the Neuronpedia JSON). The graph is plain data: analyses of it (head loadings, QK
+attributions) are values of their own that take the graph, and it never imports them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from tl_circuits.typing import Float, Int
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from tl_circuits.attention.heads.loadings import HeadLoadings
     from tl_circuits.graph.pruning import GraphScores
     from tl_circuits.replacement.context import ReplacementContext
     from tl_circuits.transcoders.base import Transcoders
@@ -54,11 +55,6 @@ class AttributionGraph:
     - ``tokens``, ``token_strings``: the prompt
     - ``excluded``: active features left out by a feature budget (same columns as nodes)
     - ``info``: JSON-able metadata (model name and shape, transcoder kind, build options)
-    - ``head_loadings``: optional :class:`~tl_circuits.attention.heads.loadings.HeadLoadings` of this
-      graph's edges (set by :meth:`compute_head_loadings`); its ``edges`` are indices into
-      *these* nodes, so :meth:`prune`, :func:`~tl_circuits.graph.pruning.subgraph` and
-      :meth:`with_adjacency` drop it (None) rather than carry stale loadings. Saved by
-      :meth:`save` and summarised in :meth:`to_json`'s ``extra`` block.
     """
 
     nodes: NodeTable
@@ -72,8 +68,6 @@ class AttributionGraph:
     info: dict[str, Any] = field(default_factory=dict)
     #: the replacement context the graph was built from (not saved; None after load)
     context: ReplacementContext | None = field(default=None, repr=False, compare=False)
-    #: per-head split of the edges (see the class docstring); None until computed
-    head_loadings: HeadLoadings | None = field(default=None, repr=False, compare=False)
     _dense: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- construction ----------------------------------------------------------------
@@ -137,22 +131,8 @@ class AttributionGraph:
         return target_display(self.targets[index - int(self.indices("target")[0])])
 
     def with_adjacency(self, adjacency: Tensor) -> AttributionGraph:
-        """A copy with ``adjacency`` replaced (``head_loadings`` dropped: they split the
-        old edge values)."""
-        return replace(self, edges=adjacency, head_loadings=None)
-
-    # ---- head loadings -----------------------------------------------------------------
-
-    def compute_head_loadings(
-        self, edges: Tensor | Sequence[Sequence[int]] | None = None, **kwargs: Any
-    ) -> HeadLoadings:
-        """Compute :class:`~tl_circuits.attention.heads.loadings.HeadLoadings` of ``edges`` (None: every
-        edge), store them as ``self.head_loadings`` and return them; ``kwargs`` go to
-        :meth:`HeadLoadings.compute <tl_circuits.attention.heads.loadings.HeadLoadings.compute>`."""
-        from tl_circuits.attention.heads.loadings import HeadLoadings
-
-        self.head_loadings = HeadLoadings.compute(self, edges, **kwargs)
-        return self.head_loadings
+        """A copy with ``adjacency`` (dense ``[n_nodes, n_nodes]``) as its edges."""
+        return replace(self, edges=adjacency)
 
     # ---- pruning and scores ------------------------------------------------------------
 
@@ -185,7 +165,9 @@ class AttributionGraph:
         return load_graph(path)
 
     def to_json(self, path: str | Path | None = None, **options: Any) -> dict[str, Any]:
-        """The Neuronpedia / circuit-tracer frontend JSON; written to ``path`` if given."""
-        from tl_circuits.graph.files import export_json
+        """The Neuronpedia / circuit-tracer frontend JSON of the graph; written to ``path``
+        if given (options: :func:`~tl_circuits.graph.frontend.frontend_json`). With head
+        loadings and QK terms: :func:`tl_circuits.export_json`."""
+        from tl_circuits.graph.frontend import frontend_json
 
-        return export_json(self, path, **options)
+        return frontend_json(self, path, **options)

@@ -12,10 +12,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tl_circuits.replacement.sources import ERROR, FEATURE, KINDS, TARGET, TOKEN
 from tl_circuits.typing import Float, Int, typechecked
 
-KINDS = ("feature", "error", "token", "target")
-FEATURE, ERROR, TOKEN, TARGET = range(4)
+__all__ = ["ERROR", "FEATURE", "KINDS", "TARGET", "TOKEN", "NodeTable", "Target"]
+
 TargetKind = Literal["logit", "logit_diff", "direction"]
 
 

@@ -191,8 +191,7 @@ def subgraph(graph: AttributionGraph, node_index: Tensor | Sequence[int]) -> Att
     adjacency is the kept submatrix, ``row_values``/``constants`` are subset, ``targets``,
     the prompt, ``excluded``, ``info`` (copied) and ``context`` are carried over. Edges to
     and from dropped nodes disappear, so ``adjacency.sum(1) + constants == row_values`` (G1)
-    no longer holds on rows that lost inputs. ``head_loadings`` is not carried over (None):
-    its edges index the original nodes; compute them again on the result.
+    no longer holds on rows that lost inputs.
     """
     index = _as_index(graph, node_index)
     keep = torch.zeros(graph.n_nodes, dtype=torch.bool)
@@ -208,7 +207,6 @@ def subgraph(graph: AttributionGraph, node_index: Tensor | Sequence[int]) -> Att
         targets=list(graph.targets),
         token_strings=list(graph.token_strings),
         info=dict(graph.info),
-        head_loadings=None,
     )
 
 

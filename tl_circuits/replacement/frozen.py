@@ -66,7 +66,9 @@ class FrozenNorm:
         return x
 
 
-def _frozen_norm(module: torch.nn.Module, scale: Tensor, with_weight: bool = True) -> FrozenNorm:
+def frozen_norm(module: torch.nn.Module, scale: Tensor, with_weight: bool = True) -> FrozenNorm:
+    """The linear part of a TransformerLens norm module with its scale frozen at ``scale``
+    (``with_weight=False``: without the weight, as ``ln2.hook_normalized`` reads it)."""
     if isinstance(module, LayerNorm):
         return FrozenNorm(scale, module.w.detach() if with_weight else None, True)
     if isinstance(module, LayerNormPre):
@@ -251,18 +253,18 @@ class FrozenLinearModel:
         blocks = []
         for layer, block in enumerate(model.blocks):
             prefix = f"blocks.{layer}."
-            ln1 = _frozen_norm(block.ln1, scale(prefix + "ln1.hook_scale"))
+            ln1 = frozen_norm(block.ln1, scale(prefix + "ln1.hook_scale"))
             post = (
-                _frozen_norm(block.ln1_post, scale(prefix + "ln1_post.hook_scale"))
+                frozen_norm(block.ln1_post, scale(prefix + "ln1_post.hook_scale"))
                 if hasattr(block, "ln1_post")
                 else _Identity()
             )
             suffix = tcs.input_hook(layer).removeprefix(prefix)
             ln2_scale = scale(prefix + "ln2.hook_scale")
             if suffix == "mlp.hook_in":
-                mlp_in: LinearMap = _frozen_norm(block.ln2, ln2_scale)
+                mlp_in: LinearMap = frozen_norm(block.ln2, ln2_scale)
             elif suffix == "ln2.hook_normalized":
-                mlp_in = _frozen_norm(block.ln2, ln2_scale, with_weight=False)
+                mlp_in = frozen_norm(block.ln2, ln2_scale, with_weight=False)
             else:  # hook_resid_mid / hook_mlp_in: the residual stream itself
                 mlp_in = _Identity()
             blocks.append(
@@ -278,7 +280,7 @@ class FrozenLinearModel:
                 )
             )
         self.blocks = blocks
-        self.ln_final = _frozen_norm(model.ln_final, scale("ln_final.hook_scale"))
+        self.ln_final = frozen_norm(model.ln_final, scale("ln_final.hook_scale"))
 
     def backward(
         self,

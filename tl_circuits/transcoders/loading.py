@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from tl_circuits.transcoders.base import Transcoders
 
 
-
 def load_pretrained(
     model: str,
     transcoders: str,

@@ -56,39 +56,42 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
 from torch import Tensor
 
-from tl_circuits.errors import TLCircuitsError
+from tl_circuits.atomic import write_safetensors
+from tl_circuits.attention.heads.compute import head_loading_fields
+from tl_circuits.errors import HeadLoadingError
 from tl_circuits.graph.context import graph_context
-from tl_circuits.graph.nodes import ERROR, FEATURE, KINDS, TARGET, TOKEN
-from tl_circuits.replacement.frozen import FrozenLinearModel
+from tl_circuits.graph.nodes import FEATURE, KINDS, TARGET
 from tl_circuits.typing import Bool, Float, Int, typechecked
+
+#: the tensor fields, in order (the last four only with ``split_write_layers``)
+FIELDS = (
+    "edges",
+    "edge_values",
+    "loadings",
+    "bypass",
+    "crossed",
+    "write_layers",
+    "loadings_by_write",
+    "bypass_by_write",
+    "values_by_write",
+)
+FORMAT_NAME = "tl_circuits.head_loadings"
+FORMAT_VERSION = 1
+#: the file :meth:`HeadLoadings.save` writes in a graph folder
+FILE_NAME = "head_loadings.safetensors"
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from tl_circuits.graph.graph import AttributionGraph
-    from tl_circuits.replacement.context import ReplacementContext
     from tl_circuits.transcoders.base import Transcoders
-
-
-class HeadLoadingError(TLCircuitsError):
-    """Head loadings cannot be computed for these inputs (no context, bad edges, ...)."""
-
-
-def crossed_layers(n_layers: int, parallel: bool, first_write: int, read_layer: int) -> list[int]:
-    """Attention layers crossed by an edge (module docstring): the source's first write
-    is at ``first_write`` (-1 for tokens), the target reads at ``read_layer``
-    (``n_layers`` for graph targets)."""
-    if read_layer >= n_layers:
-        top = n_layers - 1
-    else:
-        top = read_layer - 1 if parallel else read_layer
-    return list(range(first_write + 1, top + 1))
 
 
 @typechecked
@@ -162,7 +165,7 @@ class HeadLoadings:
         ctx = graph_context(graph, model, transcoders, error=HeadLoadingError)
         edge_index = _edge_list(graph, edges)
         with torch.no_grad():
-            return _compute(
+            fields = head_loading_fields(
                 graph,
                 ctx,
                 edge_index,
@@ -171,6 +174,74 @@ class HeadLoadings:
                 source_batch,
                 edge_chunk,
                 memory_bytes,
+            )
+        return cls(**fields)
+
+    # ---- files ---------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the loadings (safetensors, never pickle) and return the file written.
+
+        ``path``: a graph folder (``AttributionGraph.save``'s directory layout; the loadings
+        go beside the graph as ``head_loadings.safetensors``) or a file path ending in
+        ``.safetensors``."""
+        target = _file_of(Path(path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
+        write_safetensors(tensors, target, {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path, graph: AttributionGraph | None = None) -> HeadLoadings:
+        """Read loadings written by :meth:`save` (``path``: the graph folder or the file).
+        With ``graph``, check that they are this graph's (:meth:`check_graph`)."""
+        from safetensors import safe_open
+
+        source = _file_of(Path(path))
+        if not source.is_file():
+            raise FileNotFoundError(f"no head loadings at {source} (HeadLoadings.save writes it)")
+        try:
+            with safe_open(str(source), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own (Rust) error types
+            raise HeadLoadingError(f"{source} is not a readable safetensors file: {e}") from e
+        if metadata.get("format") != FORMAT_NAME or metadata.get("version") != str(FORMAT_VERSION):
+            raise HeadLoadingError(
+                f"{source} is not a {FORMAT_NAME} file of version {FORMAT_VERSION} "
+                f"(metadata {metadata})"
+            )
+        if set(tensors) - set(FIELDS) or not set(FIELDS[:5]) <= set(tensors):
+            raise HeadLoadingError(f"{source}: unexpected tensors {sorted(tensors)}")
+        try:
+            loaded = cls(**tensors)
+        except Exception as e:  # jaxtyping / beartype shape errors
+            raise HeadLoadingError(f"{source}: inconsistent head-loading tensors: {e}") from e
+        if graph is not None:
+            loaded.check_graph(graph)
+        return loaded
+
+    def check_graph(self, graph: AttributionGraph) -> None:
+        """Raise :class:`~tl_circuits.errors.HeadLoadingError` unless these are loadings of
+        ``graph``'s edges: every edge indexes its nodes, and wherever the graph still has
+        the edge its value is the recorded ``edge_values`` (bit for bit)."""
+        n = graph.n_nodes
+        edges = self.edges.cpu()
+        if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= n):
+            raise HeadLoadingError(
+                f"these head loadings have edges outside the graph's {n} nodes: they belong to "
+                "another graph (compute them on this one with HeadLoadings.compute)"
+            )
+        adjacency = graph.adjacency
+        values = adjacency[edges[:, 0].to(adjacency.device), edges[:, 1].to(adjacency.device)]
+        recorded = self.edge_values.to(values.device, values.dtype)
+        differ = (values != 0) & (values != recorded)
+        if bool(differ.any()):
+            i = int(differ.nonzero()[0, 0])
+            raise HeadLoadingError(
+                f"these head loadings split edge {tuple(edges[i].tolist())} = "
+                f"{float(recorded[i])!r}, but the graph's edge there is {float(values[i])!r}: "
+                "they belong to another graph (compute them on this one)"
             )
 
     # ---- views ---------------------------------------------------------------------------
@@ -272,300 +343,9 @@ def _edge_list(graph: AttributionGraph, edges: Tensor | Sequence[Sequence[int]] 
     return index
 
 
-# ---- computation ----------------------------------------------------------------------------
-
-
-@dataclass
-class _TargetSide:
-    """Per-layer target gradients of one batch of target rows, ready for contraction."""
-
-    gv: list[Tensor]  # [heads, T, pos * d_head]: attention adjoint up to W_V
-    gb: list[Tensor]  # [T, pos * d_model]: bypass gradient
-    post: list[Tensor]  # [T, pos, d_model]: gradient on mlp_out(w) (write values)
-    embed: Tensor  # [T, pos, d_model]: gradient on the embeddings
-
-
-def _target_side(
-    lin: FrozenLinearModel, ctx: ReplacementContext, graph: AttributionGraph, rows: list[int]
-) -> _TargetSide:
-    """Reverse pass of the target rows ``rows`` (node indices) with every residual
-    gradient a loading needs (``bypass`` gradient: module docstring)."""
-    nodes = graph.nodes
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
-    batch, n_pos, d_model = len(rows), ctx.n_pos, lin.d_model
-    first_target = int(graph.indices("target")[0]) if graph.nodes.count("target") else 0
-    seeds: dict[int, Tensor] = {}
-    final_seed = None
-    for i, t in enumerate(rows):
-        if int(nodes.kind[t]) == TARGET:
-            target = graph.targets[t - first_target]
-            if final_seed is None:
-                final_seed = torch.zeros(batch, n_pos, d_model, dtype=dtype, device=device)
-            final_seed[i, target.pos] = target.vector.to(device, dtype)
-        else:
-            layer, pos = int(nodes.layer[t]), int(nodes.pos[t])
-            if layer not in seeds:
-                seeds[layer] = torch.zeros(batch, n_pos, d_model, dtype=dtype, device=device)
-            w_enc = ctx.transcoders.encoder(layer).W_enc[:, int(nodes.feature[t])]
-            seeds[layer][i, pos] = w_enc.to(device, dtype)
-    grads = lin.backward_residuals(seeds, final_seed, batch)
-    gv, gb = [], []
-    for block, g in zip(lin.blocks, grads.attn_out, strict=True):
-        gz = torch.einsum("bqd,hed->bqhe", block.post_attn.adjoint(g), block.W_O)
-        v = torch.einsum("hqk,bqhe->hbke", block.pattern, gz)
-        gv.append(v.reshape(v.shape[0], batch, -1))
-        if block.parallel and block.W_skip is not None:
-            g = g + block.mlp_in.adjoint(g @ block.W_skip)
-        gb.append(g.reshape(batch, -1))
-    return _TargetSide(gv, gb, grads.post, grads.embed)
-
-
-@dataclass
-class _Writes:
-    """What each distinct source writes: for write index ``j`` (write layer ``j - 1``),
-    ``rows[j]`` (sources that write there, indices into the distinct sources) and
-    ``vectors[j]`` ``[len(rows[j]), d_model]``; ``slot[j]``: source -> row or -1."""
-
-    rows: list[Tensor]
-    vectors: list[Tensor]
-    slot: Tensor  # [n_writes, n_sources]
-    first: Tensor  # [n_sources]: first write layer
-
-
-def _source_writes(ctx: ReplacementContext, graph: AttributionGraph, sources: Tensor) -> _Writes:
-    nodes = graph.nodes
-    kind = nodes.kind.cpu()[sources]
-    layer = nodes.layer.cpu()[sources]
-    pos = nodes.pos.cpu()[sources]
-    feat = nodes.feature.cpu()[sources]
-    act = nodes.activation[sources.to(nodes.activation.device)]
-    n_layers, n_src = ctx.n_layers, len(sources)
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
-    tcs, d_model = ctx.transcoders, int(ctx.model.cfg.d_model)
-    rows: list[list[Tensor]] = [[] for _ in range(n_layers + 1)]
-    vecs: list[list[Tensor]] = [[] for _ in range(n_layers + 1)]
-    bad = (kind != FEATURE) & (kind != ERROR) & (kind != TOKEN)
-    if bool(bad.any()):
-        raise HeadLoadingError(f"a {KINDS[int(kind[bad][0])]} node cannot be the source of an edge")
-    tok = (kind == TOKEN).nonzero(as_tuple=True)[0]
-    if len(tok):
-        rows[0].append(tok)
-        vecs[0].append(ctx.embeddings[pos[tok].to(device)])
-    for la in range(n_layers):
-        err = ((kind == ERROR) & (layer == la)).nonzero(as_tuple=True)[0]
-        if len(err):
-            rows[la + 1].append(err)
-            vecs[la + 1].append(ctx.errors[la][pos[err].to(device)])
-        fs = ((kind == FEATURE) & (layer == la)).nonzero(as_tuple=True)[0]
-        if len(fs):
-            a = act[fs.to(act.device)].to(device, dtype)[:, None]
-            for w in tcs.target_layers(la):
-                rows[w + 1].append(fs)
-                vecs[w + 1].append(a * tcs.decoder(la, w)[feat[fs].to(device)].to(dtype))
-    slot = torch.full((n_layers + 1, n_src), -1, dtype=torch.long)
-    out_rows, out_vecs = [], []
-    for j in range(n_layers + 1):
-        r = torch.cat(rows[j]) if rows[j] else torch.zeros(0, dtype=torch.long)
-        v = torch.cat(vecs[j]) if vecs[j] else torch.zeros(0, d_model, dtype=dtype, device=device)
-        slot[j, r] = torch.arange(len(r))
-        out_rows.append(r)
-        out_vecs.append(v)
-    first = torch.where(kind == TOKEN, -1, layer)
-    return _Writes(out_rows, out_vecs, slot, first)
-
-
-def _batch_for(budget_bytes: int, per_item_bytes: int, cap: int | None) -> int:
-    n = max(1, budget_bytes // max(1, per_item_bytes))
-    return n if cap is None else min(n, cap)
-
-
-def _compute(
-    graph: AttributionGraph,
-    ctx: ReplacementContext,
-    edges: Tensor,
-    split: bool,
-    target_batch: int | None,
-    source_batch: int | None,
-    edge_chunk: int,
-    memory_bytes: int,
-) -> HeadLoadings:
-    lin = ctx.linear
-    n_layers, n_pos, d_model = lin.n_layers, ctx.n_pos, lin.d_model
-    n_heads = lin.blocks[0].W_O.shape[0]
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
-    elt = ctx.embeddings.element_size()
-    nodes = graph.nodes
-    kind = nodes.kind.cpu()
-    layer_of = nodes.layer.cpu()
-    pos_of = nodes.pos.cpu()
-    n_edges, n_writes = len(edges), n_layers + 1
-
-    # crossed layers per edge (module docstring)
-    t_nodes, s_nodes = edges[:, 0], edges[:, 1]
-    first = torch.where(kind[s_nodes] == TOKEN, -1, layer_of[s_nodes])
-    read = torch.where(kind[t_nodes] == TARGET, n_layers, layer_of[t_nodes])
-    top = torch.where(read >= n_layers, n_layers - 1, read - 1 if lin.parallel else read)
-    m_idx = torch.arange(n_layers)
-    crossed = (m_idx[None] > first[:, None]) & (m_idx[None] <= top[:, None])
-
-    loadings = torch.zeros(n_edges, n_layers, n_heads, dtype=dtype, device=device)
-    attn_bypass = torch.zeros(n_edges, n_layers, dtype=dtype, device=device)
-    values_w = torch.zeros(n_edges, n_writes, dtype=dtype, device=device)
-    lo_w = by_w = None
-    if split:
-        lo_w = torch.zeros(n_edges, n_writes, n_layers, n_heads, dtype=dtype, device=device)
-        by_w = torch.zeros(n_edges, n_writes, n_layers, dtype=dtype, device=device)
-
-    # distinct sources and their writes; units = sources (or (source, write) if split)
-    sources, e_src = torch.unique(s_nodes, return_inverse=True)
-    writes = _source_writes(ctx, graph, sources)
-    has = writes.slot >= 0  # [n_writes, n_sources]
-    if split:
-        u_j, u_src = has.nonzero(as_tuple=True)  # write index, source
-    else:
-        u_src = torch.arange(len(sources))
-        u_j = torch.full_like(u_src, -1)  # all writes
-    # order units by the layer their signal starts at, so a forward chunk starts late
-    u_start = torch.where(u_j >= 0, u_j, writes.first[u_src] + 1)
-    order = torch.argsort(u_start, stable=True)
-    u_j, u_src, u_start = u_j[order], u_src[order], u_start[order]
-    # pairs (edge, unit)
-    if split:
-        unit_of = torch.full(has.shape, -1, dtype=torch.long)  # [write, source] -> unit
-        unit_of[u_j, u_src] = torch.arange(len(u_src))
-        per = has[:, e_src].T  # [n_edges, n_writes]
-        p_e, p_j = per.nonzero(as_tuple=True)
-        p_u = unit_of[p_j, e_src[p_e]]
-    else:
-        p_e = torch.arange(n_edges)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(len(order))
-        p_u = inv[e_src]
-        p_j = torch.full_like(p_e, -1)
-    # a unit's contribution reaches layer m only if it started before m
-    p_start = u_start[p_u]
-
-    # targets ordered by reading layer (a batch of low targets stops its pass early)
-    targets = torch.unique(t_nodes)
-    targets = targets[torch.argsort(read_of(kind, layer_of, targets, n_layers), stable=True)]
-    per_target = (4 * n_layers + 2) * n_pos * d_model * elt  # peak, during the pass
-    per_unit = (n_layers + 2) * n_pos * d_model * elt
-    # most of the memory to the target side: each target batch forwards its sources again
-    t_batch = _batch_for(memory_bytes * 3 // 4, per_target, target_batch)
-    u_batch = _batch_for(memory_bytes // 8, per_unit, source_batch)
-    e_target_pos = torch.empty(n_edges, dtype=torch.long)
-    for t0 in range(0, len(targets), t_batch):
-        rows = targets[t0 : t0 + t_batch]
-        side = _target_side(lin, ctx, graph, rows.tolist())
-        local = torch.full((graph.n_nodes,), -1, dtype=torch.long)
-        local[rows] = torch.arange(len(rows))
-        in_chunk = local[t_nodes] >= 0
-        e_target_pos[in_chunk] = local[t_nodes[in_chunk]]
-        # value of each write: v_w · G_w at the source's position
-        for j in range(n_writes):
-            e = (in_chunk & has[j, e_src]).nonzero(as_tuple=True)[0]
-            if len(e) == 0:
-                continue
-            v = writes.vectors[j][writes.slot[j, e_src[e]].to(device)]
-            g = side.embed if j == 0 else side.post[j - 1]
-            gsel = g[e_target_pos[e].to(device), pos_of[s_nodes[e]].to(device)]
-            values_w[e.to(device), j] = (v * gsel).sum(-1)
-        side.post, side.embed = [], side.embed[:0]
-        pairs = in_chunk[p_e].nonzero(as_tuple=True)[0]
-        if len(pairs) == 0:
-            continue
-        units = torch.unique(p_u[pairs])
-        for u0 in range(0, len(units), u_batch):
-            chunk = units[u0 : u0 + u_batch]
-            nb = len(chunk)
-            start = int(u_start[chunk].min())
-            fwd_writes: dict[int, Tensor] = {}
-            embed = None
-            for j in range(n_writes):
-                sel = (has[j, u_src[chunk]] & ((u_j[chunk] == j) | (u_j[chunk] < 0))).nonzero(
-                    as_tuple=True
-                )[0]
-                if len(sel) == 0:
-                    continue
-                src = u_src[chunk[sel]]
-                buf = torch.zeros(nb, n_pos, d_model, dtype=dtype, device=device)
-                buf[sel.to(device), pos_of[sources[src]].to(device)] = writes.vectors[j][
-                    writes.slot[j, src].to(device)
-                ]
-                if j == 0:
-                    embed = buf
-                else:
-                    fwd_writes[j - 1] = buf
-            pair_top = top[p_e[pairs]]  # last crossed layer of each pair in this chunk
-            stop = int(pair_top.max()) if len(pair_top) else n_layers - 1
-            resid = lin.forward_residuals(fwd_writes, embed, start=max(start, 0), stop=stop)
-            u_local = torch.full((len(u_src),), -1, dtype=torch.long)
-            u_local[chunk] = torch.arange(nb)
-            block_pairs = pairs[u_local[p_u[pairs]] >= 0]
-            for m in range(max(start, 0), stop + 1):
-                block = lin.blocks[m]
-                bp = block_pairs[crossed[p_e[block_pairs], m] & (p_start[block_pairs] <= m)]
-                if len(bp) == 0:
-                    continue
-                x = resid[m]
-                vx = torch.einsum("bkm,hme->hbke", block.ln1.forward_linear(x), block.W_V)
-                vx = vx.reshape(n_heads, nb, -1)
-                xf = x.reshape(nb, -1)
-                ti_all = e_target_pos[p_e[bp]]
-                ui_all = u_local[p_u[bp]]
-                n_t = int(side.gb[m].shape[0])
-                dense = 4 * len(bp) >= n_t * nb
-                if dense:
-                    lo_all = torch.bmm(side.gv[m], vx.transpose(1, 2))  # [H, T, U]
-                    by_all = side.gb[m] @ xf.T  # [T, U]
-                for c0 in range(0, len(bp), edge_chunk):
-                    ti = ti_all[c0 : c0 + edge_chunk].to(device)
-                    ui = ui_all[c0 : c0 + edge_chunk].to(device)
-                    if dense:
-                        lo = lo_all[:, ti, ui].T
-                        by = by_all[ti, ui]
-                    else:
-                        lo = (side.gv[m][:, ti] * vx[:, ui]).sum(-1).T  # [n, H]
-                        by = (side.gb[m][ti] * xf[ui]).sum(-1)
-                    e_glob = p_e[bp[c0 : c0 + edge_chunk]].to(device)
-                    loadings[:, m].index_add_(0, e_glob, lo)
-                    attn_bypass[:, m].index_add_(0, e_glob, by)
-                    if split:
-                        assert lo_w is not None and by_w is not None
-                        j = p_j[bp[c0 : c0 + edge_chunk]].to(device)
-                        lo_w[e_glob, j, m] += lo
-                        by_w[e_glob, j, m] += by
-            del resid
-
-    # writes at or after layer m go around its attention
-    mask = crossed.to(device)
-    later = values_w[:, 1:].flip(1).cumsum(1).flip(1)  # [n, n_layers]: sum over w >= m
-    loadings = loadings * mask[:, :, None]
-    bypass = torch.where(mask, attn_bypass + later, torch.zeros_like(attn_bypass))
-    adjacency = graph.adjacency
-    edge_values = adjacency[t_nodes.to(adjacency.device), s_nodes.to(adjacency.device)]
-    extra: dict[str, Any] = {}
-    if split:
-        assert lo_w is not None and by_w is not None
-        w_layer = torch.arange(-1, n_layers, device=device)
-        after = w_layer[None, :, None] >= torch.arange(n_layers, device=device)[None, None, :]
-        later_w = values_w[:, :, None] * after  # [n, writes, layers]
-        extra = dict(
-            write_layers=torch.arange(-1, n_layers),
-            loadings_by_write=lo_w * mask[:, None, :, None],
-            bypass_by_write=torch.where(mask[:, None, :], by_w + later_w, torch.zeros_like(by_w)),
-            values_by_write=values_w,
-        )
-    return HeadLoadings(
-        edges=edges.clone(),
-        edge_values=edge_values.to(device, dtype),
-        loadings=loadings,
-        bypass=bypass,
-        crossed=mask,
-        **extra,
-    )
-
-
-def read_of(kind: Tensor, layer: Tensor, index: Tensor, n_layers: int) -> Tensor:
-    """Reading layer of target rows ``index`` (``n_layers`` for graph targets)."""
-    return torch.where(kind[index] == TARGET, n_layers, layer[index])
+def _file_of(path: Path) -> Path:
+    """The loadings file of ``path``: itself if it ends in ``.safetensors`` (and is not a
+    directory), else ``path / head_loadings.safetensors``."""
+    if path.suffix == ".safetensors" and not path.is_dir():
+        return path
+    return path / FILE_NAME

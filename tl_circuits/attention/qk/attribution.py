@@ -1,7 +1,8 @@
 """QK attributions (DESIGN.md §4): a head's attention score split into query x key terms.
 
 For head ``h`` of layer ``m``, query position ``q`` and key position ``k``, the residual
-stream entering layer ``m`` is a sum of components (a *basis*, :mod:`tl_circuits.attention.qk.basis`:
+stream entering layer ``m`` is a sum of components (a *basis*,
+:mod:`tl_circuits.attention.qk.basis`:
 the attribution graph's nodes, a residual-stream SAE's features, or the dictionary-free
 embeddings / head outputs / MLP outputs), the last one a constant ``bias``. With the norm
 scales frozen at their clean values every map to the query / key vector is linear:
@@ -35,18 +36,13 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_circuits.attention.qk.basis import (
-    BIAS,
-    EXCLUDED,
-    ComponentTable,
-    QKBasis,
-    QKError,
-)
+from tl_circuits.attention.qk.basis import BIAS, EXCLUDED, ComponentTable, QKBasis
+from tl_circuits.errors import QKError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.model.prompt import Prompt
 from tl_circuits.typing import Float, Int, typechecked
 
-__all__ = ["BIAS", "EXCLUDED", "QKAttribution", "QKBasis", "QKError", "QKTerm", "SparseQKTerms"]
+__all__ = ["QKAttribution", "QKTerm", "SparseQKTerms"]
 
 
 class QKTerm(NamedTuple):

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tl_circuits.attention.qk.basis import QKBasis, QKError, Side, _side_head
-from tl_circuits.errors import UnsupportedArchitectureError
+from tl_circuits.attention.qk.basis import QKBasis
+from tl_circuits.attention.qk.components import Side, side_head
+from tl_circuits.errors import QKError, UnsupportedArchitectureError
 from tl_circuits.typing import Float, Int, typechecked
 
 
@@ -99,15 +100,15 @@ def intervene_qk(
     rows = torch.tensor([basis.table.row(c) for c in scales])
     factors = torch.tensor([c - 1.0 for c in scales.values()])
     deltas = {}
-    for side_head, head in side_heads.items():
+    for reader, head in side_heads.items():
         vec = basis.project(head, rows, pos, side, finish=False)  # [n_r, P, d_head]
-        deltas[side_head] = torch.einsum("r,rpe->pe", factors.to(vec.dtype), vec)
+        deltas[reader] = torch.einsum("r,rpe->pe", factors.to(vec.dtype), vec)
     prefix = f"blocks.{layer}.attn."
 
     def add_delta(x: Tensor, hook: HookPoint) -> Tensor:
         x = x.clone()
-        for side_head, delta in deltas.items():
-            x[:, pos, side_head] += delta.to(x.dtype)
+        for reader, delta in deltas.items():
+            x[:, pos, reader] += delta.to(x.dtype)
         return x
 
     clean = _run(basis, [], layer)
@@ -155,7 +156,7 @@ def _side_heads(cfg, chosen: list[int], side: Side) -> dict[int, int]:
     out: dict[int, int] = {}
     group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
     for h in chosen:
-        s = _side_head(cfg, h, side)
+        s = side_head(cfg, h, side)
         if side == "k":
             sharing = list(range(s * group, (s + 1) * group))
             missing = [x for x in sharing if x not in chosen]

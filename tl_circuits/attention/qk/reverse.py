@@ -9,12 +9,13 @@ position ``p`` is therefore ``<s_{p,e}, resid_pre(m)[p]>`` with the *seed*
 
 and one reverse pass of the frozen replacement model from that seed (the graph build's
 :meth:`FrozenLinearModel.backward`, started at ``resid_pre(m)``) gives, through the build's
-:class:`FeatureEdgeSink`, the value of every node at once: ``a_f d_f . G`` for each active
-feature, ``G . error`` for each error, ``G . embedding`` for each token. Seeds for
+:class:`~tl_circuits.replacement.sources.ColumnSink`, the value of every source at once:
+``a_f d_f . G`` for each active feature, ``G . error`` for each error, ``G . embedding`` for
+each token. Seeds for
 ``d_head`` dimensions x the requested positions are batched, so a question about one head
 and a few positions costs ``d_head x positions`` rows, not a propagation of every node.
 
-The values equal the forward propagation of :func:`tl_circuits.attention.qk.basis._graph_residuals`
+The values equal the forward table of :func:`tl_circuits.attention.qk.graph_basis.forward_table`
 projected by the same map (the reverse pass is its adjoint). Columns of active features,
 errors and tokens that are not nodes of the graph (a budget or pruning left them out) sum
 into ``EXCLUDED``.
@@ -29,13 +30,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_circuits.graph.build import FeatureEdgeSink
-from tl_circuits.graph.graph import AttributionGraph
-from tl_circuits.graph.nodes import ERROR, FEATURE, TOKEN
-from tl_circuits.replacement.frozen import BackwardWorkspace, SparseSeeds, _frozen_norm
+from tl_circuits.attention.qk.components import Side
+from tl_circuits.replacement.context import ReplacementContext
+from tl_circuits.replacement.frozen import BackwardWorkspace, SparseSeeds, frozen_norm
+from tl_circuits.replacement.sources import ColumnSink, SourceColumns
 
-Side = Literal["q", "k"]
-Method = Literal["auto", "forward", "reverse"]
 #: seed rows per reverse pass
 SEED_BATCH = 256
 
@@ -60,64 +59,32 @@ class ReverseHeadVectors:
 
     def __init__(
         self,
-        graph: AttributionGraph,
+        ctx: ReplacementContext,
+        columns: SourceColumns,
         layer: int,
         ln1_scale: Tensor | None,
         *,
+        node_col: Tensor,
+        excluded_cols: Tensor,
         check_rows: Callable[[Tensor], None],
-        method: Method,
+        method: Literal["auto", "forward", "reverse"],
         n_forward_rows: int,
         forward_built: Callable[[], bool],
     ) -> None:
-        ctx = graph.context
-        assert ctx is not None
-        self.graph, self.ctx, self.layer = graph, ctx, layer
+        self.ctx, self.columns, self.layer = ctx, columns, layer
         self.model = ctx.model
         self.ln1_scale = ln1_scale  # [pos, 1] or None (no normalisation)
         self.dtype, self.device = ctx.embeddings.dtype, ctx.embeddings.device
         self.method, self.n_forward_rows, self.forward_built = method, n_forward_rows, forward_built
         self.seeds_run = 0
         self.check_rows = check_rows
-        self._cache: dict[tuple[Side, int, int], Tensor] = {}
-        self._sink: FeatureEdgeSink | None = None
-        self._workspace: BackwardWorkspace | None = None
-        self._columns()
-
-    # ---- the node <-> column map ---------------------------------------------------------
-
-    def _columns(self) -> None:
-        """``node_col[i]``: the sink column of graph node ``i`` (-1: a target, or a node at or
-        after the layer, which reads nothing from here); ``excluded_cols``: columns of things
-        writing below the layer that are not nodes."""
-        ctx, nodes, layer = self.ctx, self.graph.nodes, self.layer
-        active = ctx.active_features()
-        n_feat, n_layers, n_pos = len(active), ctx.n_layers, ctx.n_pos
-        self.active = active
-        self.n_cols = n_feat + n_layers * n_pos + n_pos
-        width = int(active.feature.max()) + 1 if n_feat else 1
-        active_key = (active.layer * n_pos + active.pos) * width + active.feature  # sorted
-        node_col = torch.full((len(nodes),), -1, dtype=torch.long)
-        is_feat = (nodes.kind == FEATURE) & (nodes.layer < layer)
-        key = (nodes.layer[is_feat] * n_pos + nodes.pos[is_feat]) * width + nodes.feature[is_feat]
-        col = torch.searchsorted(active_key, key)
-        if len(key) and (
-            n_feat == 0
-            or (col >= n_feat).any()
-            or (active_key[col.clamp_max(n_feat - 1)] != key).any()
-        ):
-            raise ValueError("graph nodes are not among the context's active features")
-        node_col[is_feat] = col
-        is_err = (nodes.kind == ERROR) & (nodes.layer < layer)
-        node_col[is_err] = n_feat + nodes.layer[is_err] * n_pos + nodes.pos[is_err]
-        is_tok = nodes.kind == TOKEN
-        node_col[is_tok] = n_feat + n_layers * n_pos + nodes.pos[is_tok]
-        below = torch.zeros(self.n_cols, dtype=torch.bool)
-        below[:n_feat] = active.layer < layer
-        below[n_feat : n_feat + layer * n_pos] = True  # errors of layers < layer
-        below[n_feat + n_layers * n_pos :] = True  # tokens
-        below[node_col[node_col >= 0]] = False
+        #: the sink column of each graph node (-1: a target, or a node at or after the layer)
         self.node_col = node_col
-        self.excluded_cols = below.nonzero()[:, 0]
+        #: columns of sources writing below the layer that are not nodes (-> ``EXCLUDED``)
+        self.excluded_cols = excluded_cols
+        self._cache: dict[tuple[Side, int, int], Tensor] = {}
+        self._sink: ColumnSink | None = None
+        self._workspace: BackwardWorkspace | None = None
 
     # ---- seeds and passes ----------------------------------------------------------------
 
@@ -130,14 +97,14 @@ class ReverseHeadVectors:
             return rows.clone()
         pos = torch.as_tensor(list(positions), dtype=torch.long, device=self.ln1_scale.device)
         scale = self.ln1_scale[pos][:, None, :]  # [P, 1, 1]
-        norm = _frozen_norm(block.ln1, scale)
+        norm = frozen_norm(block.ln1, scale)
         return norm.adjoint(rows)
 
     def _run(
         self, side: Side, side_head: int, W: Tensor, positions: list[int], show_progress: bool
     ) -> None:
         """Reverse passes for every dimension of ``W`` at ``positions``; fills the cache."""
-        ctx, n_nodes = self.ctx, len(self.graph.nodes)
+        ctx, n_nodes = self.ctx, len(self.node_col)
         seeds = self._seed_vectors(W, positions)  # [P, d_head, d]
         d_head = seeds.shape[1]
         flat = seeds.reshape(-1, seeds.shape[-1])  # row r = (position r // d_head, dim)
@@ -145,7 +112,7 @@ class ReverseHeadVectors:
         flat_pos = flat_pos.repeat_interleave(d_head)
         batch = min(SEED_BATCH, len(flat))
         if self._sink is None or self._sink.buffer.shape[0] < batch:
-            self._sink = FeatureEdgeSink(ctx, self.active, self.n_cols, batch)
+            self._sink = ColumnSink(ctx, self.columns, self.columns.n_cols, batch)
             self._workspace = BackwardWorkspace(
                 ctx.linear, batch, ctx.n_pos, self.dtype, self.device
             )
