@@ -211,6 +211,43 @@ def test_h2_zeroing_a_head_removes_its_loading(family: str, kind: str) -> None:
     assert checked >= 12
 
 
+def _masked_attention(block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The frozen block's attention (linear part) on ``x`` ``[B, pos, d]`` with head ``h``'s
+    output scaled by ``mask[:, h]`` (``[B, n_heads]``): a reference written here from the
+    block's frozen pieces, independent of the library's forward propagation."""
+    v = torch.einsum("bkm,hme->bhke", block.ln1.forward_linear(x), block.W_V)
+    z = torch.einsum("hqk,bhke->bhqe", block.pattern, v)
+    if mask is not None:
+        z = z * mask[:, :, None, None]
+    return block.post_attn.forward_linear(torch.einsum("bhqe,hed->bqd", z, block.W_O))
+
+
+def _skip(block, x: torch.Tensor) -> torch.Tensor:
+    if block.W_skip is None:
+        return torch.zeros_like(x)
+    return block.mlp_in.forward_linear(x) @ block.W_skip.T
+
+
+def _masked_forward(lin: FrozenLinearModel, writes: dict, embed, mask: dict | None) -> list:
+    """``resid_pre(m)`` for every layer and, last, the final residual of the frozen
+    direct-effect model (features cut), with head masks ``mask[m]`` ``[B, n_heads]``."""
+    like = embed if embed is not None else next(iter(writes.values()))
+    x = embed if embed is not None else torch.zeros_like(like)
+    out = []
+    for layer, block in enumerate(lin.blocks):
+        out.append(x)
+        attn = _masked_attention(block, x, mask.get(layer) if mask else None)
+        if block.parallel:
+            x = x + attn + _skip(block, x)
+        else:
+            x = x + attn
+            x = x + _skip(block, x)
+        if layer in writes:
+            x = x + writes[layer]
+    out.append(x)
+    return out
+
+
 def _linear_edge(
     lin: FrozenLinearModel, graph: AttributionGraph, t: int, s: int, mask: dict | None
 ) -> torch.Tensor:
@@ -233,21 +270,26 @@ def _linear_edge(
         for w in tcs.target_layers(la):
             writes[w] = torch.zeros(batch, n_pos, d, dtype=F64)
             writes[w][:, p] = act * tcs.decoder(la, w)[f]
-    resid = lin.forward_residuals(writes, embed, head_mask=mask)
+    resid = _masked_forward(lin, writes, embed, mask)
     pt = int(nodes.pos[t])
     if int(nodes.kind[t]) == TARGET:
         target = graph.targets[t - int(graph.indices("target")[0])]
         return lin.ln_final.forward_linear(resid[-1])[:, target.pos] @ target.vector
     lt, f = int(nodes.layer[t]), int(nodes.feature[t])
-    head_mask = mask.get(lt) if mask else None
-    x_in = lin.x_in_linear(lt, resid[lt], head_mask)
+    block, pre = lin.blocks[lt], resid[lt]
+    if block.parallel:  # x_in reads resid_pre beside the attention
+        x_in = block.mlp_in.forward_linear(pre)
+    else:  # x_in reads resid_mid, after this layer's (masked) attention
+        x_in = block.mlp_in.forward_linear(
+            pre + _masked_attention(block, pre, mask.get(lt) if mask else None)
+        )
     return x_in[:, pt] @ ctx.transcoders.encoder(lt).W_enc[:, f]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_h2_in_the_frozen_linear_model(family: str) -> None:
-    """Every (crossed layer, head) of sampled edges at once: zeroing that head in
-    ``forward_residuals`` changes the edge by exactly its loading."""
+    """Every (crossed layer, head) of sampled edges at once: zeroing that head in the frozen
+    linear model (a forward written in this test) changes the edge by exactly its loading."""
     graph = _graph(family, "clt")
     assert graph.context is not None
     lin = FrozenLinearModel(graph.context)

@@ -38,7 +38,7 @@ from tl_circuits.graph.nodes import (
 from tl_circuits.graph.targets import resolve_targets, target_values
 from tl_circuits.model.prompt import Prompt
 from tl_circuits.replacement.context import FeatureTable, ReplacementContext
-from tl_circuits.replacement.frozen import BackwardWorkspace, SparseSeeds
+from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds
 from tl_circuits.replacement.sources import ColumnSink, SourceColumns
 from tl_circuits.transcoders.base import Transcoders
 
@@ -259,7 +259,11 @@ class _RowPasses:
     ) -> Tensor:
         self.sink.start(batch)
         g_embed = self.ctx.linear.backward(
-            seeds, final_seed, self.sink, batch, n_pos=n_pos, workspace=self.workspace
+            Seeds(x_in=seeds, final=final_seed),
+            self.sink,
+            batch,
+            n_pos=n_pos,
+            workspace=self.workspace,
         )
         self.sink.embeddings(g_embed)
         return self.sink.finish()

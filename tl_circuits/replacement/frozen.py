@@ -10,7 +10,7 @@ stored per layer.
 Per block ``l`` (pre-norm; ``g`` is the gradient on the residual stream after block ``l``):
 
 - MLP output: ``G_l = g`` is the gradient on ``mlp_out(l)``; edges from the sources that
-  write there are read off it (:class:`EdgeSink`);
+  write there are read off it (:class:`GradientSink`);
 - MLP input: ``g_x = g @ W_skip^(l)`` (the skip path) plus the seeds of rows whose target
   reads ``x_in(l)``; then ``g_mid = g + In_l^T(g_x)``;
 - attention: ``g_pre = g_mid + LN1^T(Attn^T(Post1^T(g_mid)))`` with
@@ -24,7 +24,7 @@ Norm adjoints with frozen scale ``s`` and weight ``w``: RMS ``g * w / s``; Layer
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -121,6 +121,44 @@ class SparseSeeds:
         g.index_put_((self.pos, self.row), self.vector, accumulate=True)
 
 
+@dataclass(frozen=True)
+class Seeds:
+    """Where a reverse pass starts, one row per batch element (any of the three kinds).
+
+    - ``x_in[l]``: a gradient on ``x_in(l)`` (rows whose target reads layer ``l``'s
+      transcoder input): dense ``[B, pos, d_model]``, or :class:`SparseSeeds`;
+    - ``final``: ``[B, pos, d_model]`` on the final norm's output (graph targets);
+    - ``resid = (m, seeds)``: on ``resid_pre(m)`` (what a head of layer ``m`` reads;
+      ``m = 0``: the embeddings), one vector per row. Not together with ``final``.
+    """
+
+    x_in: Mapping[int, Tensor | SparseSeeds] = field(default_factory=dict)
+    final: Tensor | None = None
+    resid: tuple[int, SparseSeeds] | None = None
+
+    def check(self) -> None:
+        if not self.x_in and self.final is None and self.resid is None:
+            raise ValueError("backward needs at least one seed")
+        if self.final is not None and self.resid is not None:
+            raise ValueError("backward takes a final seed or a residual seed, not both")
+
+    def _dense(self) -> list[Tensor]:
+        return [s for s in (*self.x_in.values(), self.final) if isinstance(s, Tensor)]
+
+    def n_pos(self, default: int) -> int:
+        """Positions the pass covers: the dense seeds' length, else ``default``."""
+        dense = self._dense()
+        return dense[0].shape[1] if dense else default
+
+    def like(self) -> Tensor:
+        """A seed tensor (its dtype and device are the pass's)."""
+        dense = self._dense()
+        if dense:
+            return dense[0]
+        sparse = [*self.x_in.values(), *([] if self.resid is None else [self.resid[1]])]
+        return sparse[0].vector  # type: ignore[union-attr]
+
+
 class BackwardWorkspace:
     """Reusable buffers of :meth:`FrozenLinearModel.backward` for up to ``batch`` rows over
     up to ``n_pos`` positions: three position-major residual gradients ``[pos, B, d_model]``
@@ -172,17 +210,6 @@ class FrozenBlock:
     W_skip: Tensor | None  # [d_model, d_model], [out, in]
     parallel: bool
 
-    def attn_adjoint(self, g: Tensor) -> Tensor:
-        """Gradient on attention's input (before ln1) from ``g`` ``[B, pos, d_model]`` on its
-        output (:meth:`attn_adjoint_into` on fresh buffers)."""
-        g_pbd = g.transpose(0, 1).contiguous()
-        n_pos, batch, _ = g_pbd.shape
-        width = n_pos * batch * self.W_O.shape[0] * self.W_O.shape[1]
-        out = torch.empty_like(g_pbd)
-        heads_a, heads_b = g.new_empty(width), g.new_empty(width)
-        self.attn_adjoint_into(g_pbd, out, heads_a, heads_b)
-        return out.transpose(0, 1)
-
     def attn_adjoint_into(self, g: Tensor, out: Tensor, heads_a: Tensor, heads_b: Tensor) -> None:
         """``out`` = gradient on attention's input (before ln1) from ``g`` on its output.
 
@@ -214,12 +241,9 @@ class FrozenBlock:
             out_2d.addmm_(gv_heads[h], self.W_V[h].T)
         _norm_adjoint_(self.ln1, out)
 
-    def attn_forward(
-        self, x: Tensor, head_mask: Tensor | None = None, first_pos: int = 0
-    ) -> Tensor:
+    def attn_forward(self, x: Tensor, first_pos: int = 0) -> Tensor:
         """Linear part of attention on ``x`` ``[B, pos, d_model]`` (no biases).
 
-        ``head_mask`` ``[B, n_heads]`` scales each head's output (for head loadings).
         ``first_pos``: ``x`` holds the prompt's positions ``first_pos ..`` (a suffix; exact
         when the residual is zero before it, since attention only looks back).
         """
@@ -227,8 +251,6 @@ class FrozenBlock:
         y = self.ln1.forward_linear(x, f)
         v = torch.einsum("bkm,hme->bhke", y, self.W_V)
         z = torch.einsum("hqk,bhke->bhqe", self.pattern[:, f : f + n, f : f + n], v)
-        if head_mask is not None:
-            z = z * head_mask[:, :, None, None]
         out = torch.einsum("bhqe,hed->bqd", z, self.W_O)
         return self.post_attn.forward_linear(out, f)
 
@@ -284,25 +306,21 @@ class FrozenLinearModel:
 
     def backward(
         self,
-        seeds_by_layer: Mapping[int, Tensor | SparseSeeds],
-        final_seed: Tensor | None,
-        sink: EdgeSink,
+        seeds: Seeds,
+        sink: GradientSink,
         batch: int,
         *,
         n_pos: int | None = None,
         workspace: BackwardWorkspace | None = None,
-        resid_seed: tuple[int, SparseSeeds] | None = None,
     ) -> Tensor:
-        """Propagate seeds to the embeddings, reporting each MLP output's gradient.
+        """Propagate ``seeds`` (``batch`` rows) to the embeddings, handing the sink each
+        gradient it reads on the way.
 
-        ``seeds_by_layer[l]``: ``[B, pos, d_model]`` gradient on ``x_in(l)`` (rows whose
-        target reads layer ``l``'s transcoder input), or :class:`SparseSeeds` (one vector per
-        row); ``final_seed``: ``[B, pos, d_model]`` gradient on the final norm's output;
-        ``resid_seed = (m, seeds)``: a gradient on ``resid_pre(m)`` (what a head of layer
-        ``m`` reads; ``m = 0``: the embeddings), one vector per row.
-        ``sink.mlp_out(l, G)`` is called with the gradient on ``mlp_out(l)`` for ``l`` from
-        the top layer down. Returns the gradient on the embeddings (residual stream entering
-        block 0), ``[B, pos, d_model]``.
+        From the top layer down, ``sink.mlp_out(l, G)`` gets the gradient on ``mlp_out(l)``
+        and ``sink.attn_out(l, G)`` the gradient on layer ``l``'s attention output
+        (``resid_mid(l)`` in a sequential block, ``resid_post(l)`` in a parallel one).
+        Returns the gradient on the embeddings (residual stream entering block 0),
+        ``[B, pos, d_model]``.
 
         ``pos`` may be less than the prompt's length (default: the dense seeds' length, else
         the whole prompt; ``n_pos`` sets it): attention is causal, so positions after the
@@ -313,74 +331,81 @@ class FrozenLinearModel:
         another without new allocations); the returned tensor is then a view into it, valid
         until its next use.
         """
-        dense = [s for s in (*seeds_by_layer.values(), final_seed) if isinstance(s, Tensor)]
-        if not dense and not seeds_by_layer and resid_seed is None:
-            raise ValueError("backward needs at least one seed")
-        if final_seed is not None and resid_seed is not None:
-            raise ValueError("backward takes a final seed or a residual seed, not both")
+        seeds.check()
         if n_pos is None:
-            n_pos = dense[0].shape[1] if dense else self.n_pos
+            n_pos = seeds.n_pos(self.n_pos)
         if workspace is None:
-            sparse = [*seeds_by_layer.values(), *([] if resid_seed is None else [resid_seed[1]])]
-            like = dense[0] if dense else sparse[0].vector  # type: ignore[union-attr]
+            like = seeds.like()
             workspace = BackwardWorkspace(self, batch, n_pos, like.dtype, like.device)
         g, gx, tmp, heads_a, heads_b = workspace.views(batch, n_pos)
         g_view = g.transpose(0, 1)  # [B, pos, d_model] for sinks and the caller
-        resid_layer = -1 if resid_seed is None else resid_seed[0]
-        if final_seed is not None:
-            g_view.copy_(final_seed)
+        resid_layer = -1 if seeds.resid is None else seeds.resid[0]
+        if seeds.final is not None:
+            g_view.copy_(seeds.final)
             _norm_adjoint_(self.ln_final, g)
             top = self.n_layers - 1
         else:
             g.zero_()
-            top = max([*seeds_by_layer, resid_layer - 1])
-        live = final_seed is not None  # False while g is still exactly zero
-        on_attn_out = getattr(sink, "attn_out", None)
+            top = max([*seeds.x_in, resid_layer - 1])
+        live = seeds.final is not None  # False while g is still exactly zero
         for layer in range(top, -1, -1):
-            block = self.blocks[layer]
             if layer == resid_layer - 1:  # resid_pre(layer + 1) is resid_post(layer)
-                assert resid_seed is not None
-                resid_seed[1].add_to_(g)
+                assert seeds.resid is not None
+                seeds.resid[1].add_to_(g)
                 live = True
             if live:
                 sink.mlp_out(layer, g_view)
             live = True
-            seed = seeds_by_layer.get(layer)
-            has_gx = block.W_skip is not None or seed is not None
-            if block.W_skip is not None:
-                torch.mm(g.view(-1, self.d_model), block.W_skip, out=gx.view(-1, self.d_model))
-            elif seed is not None:
-                gx.zero_()
-            if isinstance(seed, SparseSeeds):
-                seed.add_to_(gx)
-            elif seed is not None:
-                gx.add_(seed.transpose(0, 1))
-            if has_gx:
-                _norm_adjoint_(block.mlp_in, gx)
-            if block.parallel:
-                if on_attn_out is not None:
-                    on_attn_out(layer, g_view)
-                block.attn_adjoint_into(g, tmp, heads_a, heads_b)
-                g.add_(tmp)
-                if has_gx:
-                    g.add_(gx)
-            else:
-                if has_gx:
-                    g.add_(gx)
-                if on_attn_out is not None:
-                    on_attn_out(layer, g_view)
-                block.attn_adjoint_into(g, tmp, heads_a, heads_b)
-                g.add_(tmp)
+            self._block_adjoint(layer, seeds.x_in.get(layer), sink, g, gx, tmp, heads_a, heads_b)
         if resid_layer == 0:  # a seed on the embeddings themselves
-            assert resid_seed is not None
-            resid_seed[1].add_to_(g)
+            assert seeds.resid is not None
+            seeds.resid[1].add_to_(g)
         return g_view
+
+    def _block_adjoint(
+        self,
+        layer: int,
+        seed: Tensor | SparseSeeds | None,
+        sink: GradientSink,
+        g: Tensor,
+        gx: Tensor,
+        tmp: Tensor,
+        heads_a: Tensor,
+        heads_b: Tensor,
+    ) -> None:
+        """Turn ``g`` (position-major ``[pos, B, d_model]``), the gradient on
+        ``resid_post(layer)``, into the gradient on ``resid_pre(layer)`` in place: the skip
+        path and any ``seed`` on ``x_in(layer)`` through ``mlp_in``'s adjoint (``gx``), and
+        the attention adjoint (``tmp``; module docstring)."""
+        block = self.blocks[layer]
+        has_gx = block.W_skip is not None or seed is not None
+        if block.W_skip is not None:
+            torch.mm(g.view(-1, self.d_model), block.W_skip, out=gx.view(-1, self.d_model))
+        elif seed is not None:
+            gx.zero_()
+        if isinstance(seed, SparseSeeds):
+            seed.add_to_(gx)
+        elif seed is not None:
+            gx.add_(seed.transpose(0, 1))
+        if has_gx:
+            _norm_adjoint_(block.mlp_in, gx)
+        if block.parallel:  # attention and the MLP both read resid_pre: add both branches
+            sink.attn_out(layer, g.transpose(0, 1))
+            block.attn_adjoint_into(g, tmp, heads_a, heads_b)
+            g.add_(tmp)
+            if has_gx:
+                g.add_(gx)
+        else:
+            if has_gx:
+                g.add_(gx)
+            sink.attn_out(layer, g.transpose(0, 1))
+            block.attn_adjoint_into(g, tmp, heads_a, heads_b)
+            g.add_(tmp)
 
     def forward_residuals(
         self,
         writes: dict[int, Tensor] | None = None,
         embed: Tensor | None = None,
-        head_mask: dict[int, Tensor] | None = None,
         start: int = 0,
         stop: int | None = None,
         first_pos: int = 0,
@@ -392,9 +417,7 @@ class FrozenLinearModel:
         and the transcoders' skip path ``W_skip`` (through ``mlp_in``), nothing else.
 
         ``writes[w]``: ``[B, pos, d_model]`` added to ``mlp_out(w)`` (it enters
-        ``resid_post(w)``); ``embed``: ``[B, pos, d_model]`` the residual entering block 0;
-        ``head_mask[m]``: ``[B, n_heads]`` scales each (query) head's output at layer ``m``
-        (0 ablates the head on this batch element's path only; the model is linear).
+        ``resid_post(w)``); ``embed``: ``[B, pos, d_model]`` the residual entering block 0.
 
         Per block: parallel ``post = pre + attn(pre) + skip(pre)``, otherwise
         ``mid = pre + attn(pre)``, ``post = mid + skip(mid)``; then the writes of that layer.
@@ -412,7 +435,6 @@ class FrozenLinearModel:
         with ``stop`` given, only ``resid_pre(0..stop)`` (``stop + 1`` tensors).
         """
         writes = writes or {}
-        head_mask = head_mask or {}
         like = embed if embed is not None else next(iter(writes.values()), None)
         if like is None:
             raise ValueError("forward_residuals needs writes or embed")
@@ -428,7 +450,7 @@ class FrozenLinearModel:
                 if layer in writes:
                     x = x + writes[layer]
                 continue
-            attn = block.attn_forward(x, head_mask.get(layer), first_pos)
+            attn = block.attn_forward(x, first_pos)
             if block.parallel:
                 skip = _skip_forward(block, x, first_pos)
                 x = x + attn if skip is None else x + attn + skip
@@ -442,27 +464,13 @@ class FrozenLinearModel:
         out.append(x)
         return out
 
-    def x_in_linear(self, layer: int, resid_pre: Tensor, head_mask: Tensor | None = None) -> Tensor:
-        """Transcoder input ``x_in(layer)`` (linear part) from ``resid_pre(layer)``:
-        ``mlp_in(pre + attn(pre))``, or ``mlp_in(pre)`` for a parallel block."""
-        block = self.blocks[layer]
-        if block.parallel:
-            return block.mlp_in.forward_linear(resid_pre)
-        return block.mlp_in.forward_linear(resid_pre + block.attn_forward(resid_pre, head_mask))
-
-    def backward_residuals(
-        self,
-        seeds_by_layer: dict[int, Tensor],
-        final_seed: Tensor | None,
-        batch: int,
-    ) -> ResidualGradients:
-        """:meth:`backward`, recording the gradient on every residual point a head loading
-        needs (see :class:`ResidualGradients`); seeds as there."""
-        like = next(iter(seeds_by_layer.values()), final_seed)
-        assert like is not None, "backward_residuals needs at least one seed"
+    def backward_residuals(self, seeds: Seeds, batch: int) -> ResidualGradients:
+        """:meth:`backward` over the whole prompt, recording the gradient on every residual
+        point a head loading needs (see :class:`ResidualGradients`)."""
+        like = seeds.like()
         zero = torch.zeros(batch, self.n_pos, self.d_model, dtype=like.dtype, device=like.device)
         recorder = _ResidualRecorder(zero, self.n_layers)
-        embed = self.backward(seeds_by_layer, final_seed, recorder, batch)
+        embed = self.backward(seeds, recorder, batch, n_pos=self.n_pos)
         return ResidualGradients(
             post=recorder.post,
             attn_out=recorder.attn,
@@ -484,12 +492,15 @@ class _ResidualRecorder:
         self.attn[layer] = grad.clone(memory_format=torch.contiguous_format)
 
 
-class EdgeSink(Protocol):
-    """Receives ``G_l`` ``[B, pos, d_model]``, the gradient on MLP output ``l``; a sink may
-    also define ``attn_out(layer, grad)`` to receive the gradient on layer ``l``'s attention
-    output (``resid_mid`` in a sequential block, ``resid_post`` in a parallel one)."""
+class GradientSink(Protocol):
+    """What :meth:`FrozenLinearModel.backward` hands gradients to (``[B, pos, d_model]``
+    views, valid during the call)."""
 
-    def mlp_out(self, layer: int, grad: Tensor) -> None: ...
+    def mlp_out(self, layer: int, grad: Tensor) -> None:
+        """The gradient on ``mlp_out(layer)`` (where sources of that layer write)."""
+
+    def attn_out(self, layer: int, grad: Tensor) -> None:
+        """The gradient on layer ``layer``'s attention output."""
 
 
 # ---- forward propagation and recorded gradients (head loadings, DESIGN.md §3) ---------------

@@ -311,6 +311,9 @@ class ColumnSink:
             self.edges[:, c0:c1].addmm_(grad[:, pos], dec.T)
         self._dot_per_position(grad, self.ctx.errors[layer], self.error_cols[layer])
 
+    def attn_out(self, layer: int, grad: Tensor) -> None:
+        """No source writes at an attention output: nothing to read."""
+
     def embeddings(self, grad: Tensor) -> None:
         """Read the token columns off the gradient on the embeddings ``[B, pos, d]``."""
         self._dot_per_position(grad, self.ctx.embeddings, self.token_col)

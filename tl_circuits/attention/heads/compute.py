@@ -23,7 +23,7 @@ from tl_circuits.errors import HeadLoadingError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import TARGET, TOKEN
 from tl_circuits.replacement.context import ReplacementContext
-from tl_circuits.replacement.frozen import FrozenLinearModel
+from tl_circuits.replacement.frozen import FrozenLinearModel, Seeds
 from tl_circuits.replacement.sources import SourceWrites
 
 
@@ -229,7 +229,7 @@ def _target_side(
                 seeds[layer] = torch.zeros(batch, n_pos, d_model, dtype=dtype, device=device)
             w_enc = ctx.transcoders.encoder(layer).W_enc[:, int(nodes.feature[t])]
             seeds[layer][i, pos] = w_enc.to(device, dtype)
-    grads = lin.backward_residuals(seeds, final_seed, batch)
+    grads = lin.backward_residuals(Seeds(x_in=seeds, final=final_seed), batch)
     gv, gb = [], []
     for block, g in zip(lin.blocks, grads.attn_out, strict=True):
         gz = torch.einsum("bqd,hed->bqhe", block.post_attn.adjoint(g), block.W_O)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tl_circuits.attention.qk.components import Side
 from tl_circuits.replacement.context import ReplacementContext
-from tl_circuits.replacement.frozen import BackwardWorkspace, SparseSeeds, frozen_norm
+from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds, frozen_norm
 from tl_circuits.replacement.sources import ColumnSink, SourceColumns
 
 #: seed rows per reverse pass
@@ -129,14 +129,13 @@ class ReverseHeadVectors:
             vec, pos = flat[start : start + batch], flat_pos[start : start + batch]
             n = len(vec)
             self._sink.start(n)
+            rows = torch.arange(n, device=self.device)
             g_embed = ctx.linear.backward(
-                {},
-                None,
+                Seeds(resid=(self.layer, SparseSeeds(rows, pos, vec))),
                 self._sink,
                 n,
                 n_pos=int(pos.max()) + 1,
                 workspace=self._workspace,
-                resid_seed=(self.layer, SparseSeeds(torch.arange(n, device=self.device), pos, vec)),
             )
             self._sink.embeddings(g_embed)
             edges = self._sink.finish()  # [n, n_cols]
