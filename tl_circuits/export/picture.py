@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # files only: never open a window, works without a displa
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tl_circuits.errors import TLCircuitsError
@@ -147,72 +148,9 @@ def draw_graph(
     fig, ax = plt.subplots(figsize=(width, max(4.5, 1.5 * n_rows + 1.5)))
 
     if edges.shape[0]:
-        weights = graph.adjacency[edges[:, 0], edges[:, 1]]
-        scale = float(weights.abs().max())
         labels = _head_labels(graph, head_loadings, edges, label_heads)
-        # weakest first, so strong edges are drawn on top
-        for row in torch.argsort(weights.abs()).tolist():
-            t, s = int(edges[row, 0]), int(edges[row, 1])
-            w = float(weights[row]) / scale
-            (x0, y0), (x1, y1) = xy[s].tolist(), xy[t].tolist()
-            ax.plot(
-                [x0, x1],
-                [y0, y1],
-                color=POSITIVE if w > 0 else NEGATIVE,
-                linewidth=0.4 + 3.0 * abs(w),
-                alpha=0.15 + 0.75 * abs(w),
-                zorder=1,
-            )
-            if row in labels:  # 40% of the way up, so labels of fan-in edges separate
-                ax.annotate(
-                    labels[row],
-                    (x0 + 0.4 * (x1 - x0), y0 + 0.4 * (y1 - y0)),
-                    fontsize=7,
-                    ha="center",
-                    va="center",
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "#718096", "lw": 0.5},
-                    zorder=4,
-                )
-
-    kinds = graph.nodes.kind
-    for kind, marker in _MARKERS.items():
-        members = ((kinds == kind) & shown).nonzero(as_tuple=True)[0]
-        if members.numel():
-            ax.scatter(
-                xy[members, 0].numpy(),
-                xy[members, 1].numpy(),
-                marker=marker,
-                s=70 if kind != TARGET else 90,
-                c=_COLORS[kind],
-                edgecolors="#2d3748",
-                linewidths=0.6,
-                zorder=3,
-                label=("feature", "error", "token", "target")[kind],
-            )
-    if int(shown.sum()) <= 80:
-        for i in ((kinds == FEATURE) & shown).nonzero(as_tuple=True)[0].tolist():
-            ax.annotate(
-                str(int(graph.nodes.feature[i])),
-                (float(xy[i, 0]), float(xy[i, 1])),
-                xytext=(0, 7),
-                textcoords="offset points",
-                fontsize=6,
-                ha="center",
-                zorder=5,
-            )
-    for i in (kinds == TARGET).nonzero(as_tuple=True)[0].tolist():
-        ax.annotate(
-            graph.node_label(i).removeprefix("Output "),
-            (float(xy[i, 0]), float(xy[i, 1])),
-            xytext=(2, 8),
-            textcoords="offset points",
-            fontsize=7,
-            rotation=40,
-            ha="left",
-            va="bottom",
-            zorder=5,
-        )
-
+        _draw_edges(ax, graph, edges, xy, labels)
+    _draw_nodes(ax, graph, shown, xy)
     ax.set_xticks(range(n_pos))
     ax.set_xticklabels([repr(s)[1:-1] for s in graph.token_strings], rotation=45, ha="right")
     ax.set_yticks(range(n_rows))
@@ -251,3 +189,77 @@ def save_graph_picture(
             written.append(out)
     plt.close(fig)
     return written
+
+
+def _draw_edges(
+    ax: Axes, graph: AttributionGraph, edges: torch.Tensor, xy: torch.Tensor, labels: dict[int, str]
+) -> None:
+    """Lines from source to target, by sign and weight (weakest first, so strong edges are
+    on top), with the head labels of ``labels`` (row in ``edges`` -> text)."""
+    weights = graph.adjacency[edges[:, 0], edges[:, 1]]
+    scale = float(weights.abs().max())
+    # weakest first, so strong edges are drawn on top
+    for row in torch.argsort(weights.abs()).tolist():
+        t, s = int(edges[row, 0]), int(edges[row, 1])
+        w = float(weights[row]) / scale
+        (x0, y0), (x1, y1) = xy[s].tolist(), xy[t].tolist()
+        ax.plot(
+            [x0, x1],
+            [y0, y1],
+            color=POSITIVE if w > 0 else NEGATIVE,
+            linewidth=0.4 + 3.0 * abs(w),
+            alpha=0.15 + 0.75 * abs(w),
+            zorder=1,
+        )
+        if row in labels:  # 40% of the way up, so labels of fan-in edges separate
+            ax.annotate(
+                labels[row],
+                (x0 + 0.4 * (x1 - x0), y0 + 0.4 * (y1 - y0)),
+                fontsize=7,
+                ha="center",
+                va="center",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "#718096", "lw": 0.5},
+                zorder=4,
+            )
+
+
+def _draw_nodes(ax: Axes, graph: AttributionGraph, shown: torch.Tensor, xy: torch.Tensor) -> None:
+    """The ``shown`` nodes by kind, feature indices (small pictures) and target labels."""
+    kinds = graph.nodes.kind
+    for kind, marker in _MARKERS.items():
+        members = ((kinds == kind) & shown).nonzero(as_tuple=True)[0]
+        if members.numel():
+            ax.scatter(
+                xy[members, 0].numpy(),
+                xy[members, 1].numpy(),
+                marker=marker,
+                s=70 if kind != TARGET else 90,
+                c=_COLORS[kind],
+                edgecolors="#2d3748",
+                linewidths=0.6,
+                zorder=3,
+                label=("feature", "error", "token", "target")[kind],
+            )
+    if int(shown.sum()) <= 80:
+        for i in ((kinds == FEATURE) & shown).nonzero(as_tuple=True)[0].tolist():
+            ax.annotate(
+                str(int(graph.nodes.feature[i])),
+                (float(xy[i, 0]), float(xy[i, 1])),
+                xytext=(0, 7),
+                textcoords="offset points",
+                fontsize=6,
+                ha="center",
+                zorder=5,
+            )
+    for i in (kinds == TARGET).nonzero(as_tuple=True)[0].tolist():
+        ax.annotate(
+            graph.node_label(i).removeprefix("Output "),
+            (float(xy[i, 0]), float(xy[i, 1])),
+            xytext=(2, 8),
+            textcoords="offset points",
+            fontsize=7,
+            rotation=40,
+            ha="left",
+            va="bottom",
+            zorder=5,
+        )

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_circuits.errors import TLCircuitsError
+from tl_circuits.graph.budget import select_by_influence
 from tl_circuits.graph.causal_adjacency import CausalAdjacency, causal_groups
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import (
@@ -33,7 +34,6 @@ from tl_circuits.graph.nodes import (
     TARGET,
     NodeTable,
     Target,
-    normalized_target_weights,
 )
 from tl_circuits.graph.targets import resolve_targets, target_values
 from tl_circuits.model.prompt import Prompt
@@ -295,16 +295,17 @@ def _budgeted_rows(
     plan: _Plan, passes: _RowPasses, batch_size: int, progress: tqdm
 ) -> tuple[Tensor, Tensor]:
     """The targets' rows, then ``budget`` feature rows chosen by influence as rows arrive
-    (:func:`_select_by_influence`); returns the dense adjacency over the chosen features,
-    errors, tokens and targets, and the chosen features (ascending)."""
+    (:func:`~tl_circuits.graph.budget.select_by_influence`); returns the dense adjacency
+    over the chosen features, errors, tokens and targets, and the chosen features
+    (ascending)."""
     ctx, n_tgt, n_cols = plan.ctx, plan.n_targets, plan.n_cols
     n_feat, budget = plan.columns.n_features, plan.budget
     dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
     rows = torch.zeros(n_tgt + budget, n_cols, dtype=dtype, device=device)
     rows[:n_tgt] = passes.target_rows(plan.targets)
     progress.update(n_tgt)
-    chosen = _select_by_influence(
-        rows, n_tgt, n_feat, budget, batch_size, plan.targets, passes, progress
+    chosen = select_by_influence(
+        rows, n_tgt, n_feat, budget, batch_size, plan.targets, passes.feature_rows, progress
     )
     selected, perm = torch.sort(chosen)  # features in (layer, pos, feature) order
     keep_cols = torch.cat([selected, torch.arange(n_feat, n_cols)])
@@ -381,81 +382,6 @@ def _assemble(
         info=info,
         context=ctx,
     )
-
-
-def _select_by_influence(
-    rows: Tensor,
-    n_tgt: int,
-    n_feat: int,
-    budget: int,
-    batch_size: int,
-    target_list: list[Target],
-    passes: _RowPasses,
-    progress: tqdm,
-) -> Tensor:
-    """Compute feature rows in order of influence on the targets until ``budget``.
-
-    Before each batch, every feature's influence on the targets is recomputed from the rows
-    known so far (targets and visited features) and the top unvisited features are
-    computed next. ``rows[:n_tgt]`` hold the target rows; visited features' rows are
-    appended in visiting order. Returns the visited feature indices in that order.
-    """
-    weights = normalized_target_weights(target_list, rows.dtype).to(rows.device)
-    totals = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
-    totals[:n_tgt] = rows[:n_tgt].abs().sum(1)
-    chosen = torch.zeros(0, dtype=torch.long, device=rows.device)
-    visited = torch.zeros(n_feat, dtype=torch.bool, device=rows.device)
-    while len(chosen) < budget:
-        n_done = len(chosen)
-        influence = _influence_from_rows(rows, totals, n_tgt, chosen, n_feat, weights)
-        influence[visited] = -1.0
-        take = min(batch_size, budget - n_done)
-        idx = torch.argsort(influence, descending=True)[:take]
-        visited[idx] = True
-        new = slice(n_tgt + n_done, n_tgt + n_done + take)
-        rows[new] = passes.feature_rows(idx)
-        totals[new] = rows[new].abs().sum(1)
-        chosen = torch.cat([chosen, idx])
-        progress.update(take)
-    return chosen
-
-
-def _influence_from_rows(
-    rows: Tensor,
-    totals: Tensor,
-    n_tgt: int,
-    done: Tensor,
-    n_feat: int,
-    weights: Tensor,
-    chunk: int = 128,
-) -> Tensor:
-    """Influence on the targets of every feature, from the rows computed so far.
-
-    ``B`` is ``|row| / totals`` (each row normalised by its total over all columns, as in
-    pruning); influence ``= x_1 + sum_k y_k @ B_done`` with ``x_1 = w B_targets`` and
-    ``y_1 = x_1[done]``, ``y_{k+1} = y_k @ B_done[:, done]``: the series runs on the small
-    visited-by-visited block, and the visited rows' feature columns are read once, in
-    chunks, so no copy of the row block is made.
-    """
-    tiny = torch.finfo(rows.dtype).tiny
-    x = weights @ (rows[:n_tgt, :n_feat].abs() / totals[:n_tgt, None].clamp_min(tiny))
-    n_done = len(done)
-    if n_done == 0:
-        return x
-    scale = 1.0 / totals[n_tgt : n_tgt + n_done].clamp_min(tiny)
-    square = rows[n_tgt : n_tgt + n_done].index_select(1, done).abs() * scale[:, None]
-    y = x[done]
-    y_sum = torch.zeros_like(y)
-    for _ in range(n_done):  # a DAG: the series ends after the longest path
-        y_sum += y
-        y = y @ square
-        if not bool(y.any()):
-            break
-    weight = y_sum * scale
-    for start in range(0, n_done, chunk):
-        block = rows[n_tgt + start : n_tgt + min(start + chunk, n_done), :n_feat].abs()
-        x = x + weight[start : start + chunk] @ block
-    return x
 
 
 def _feature_nodes(active: FeatureTable, idx: Tensor) -> NodeTable:

@@ -232,82 +232,25 @@ def _frontend_nodes(
     clerps: Mapping[str, str],
     decode: Callable[[int], str] | None,
 ) -> list[dict[str, Any]]:
+    """One ``Node`` record per graph node, in node order (ids: module docstring)."""
     n = len(graph.nodes)
-    if influence is not None:
-        infl = (
-            torch.as_tensor(influence).reshape(-1).tolist()
-            if isinstance(influence, Tensor)
-            else [float(x) for x in influence]
-        )
-        if len(infl) != n:
-            raise TLCircuitsError(f"influence has {len(infl)} entries, the graph {n} nodes")
-    else:
-        infl = [None] * n
-    kinds = graph.nodes.kind.tolist()
-    layers = graph.nodes.layer.tolist()
-    positions = graph.nodes.pos.tolist()
-    features = graph.nodes.feature.tolist()
-    acts = graph.nodes.activation.tolist()
-    d_transcoder = graph.info.get("d_transcoder") if graph.info else None
+    infl = _influence_list(influence, n)
+    table = graph.nodes
+    columns = zip(
+        table.kind.tolist(),
+        table.layer.tolist(),
+        table.pos.tolist(),
+        table.feature.tolist(),
+        table.activation.tolist(),
+        strict=True,
+    )
+    kinds = table.kind.tolist()
     first_target = kinds.index(TARGET) if TARGET in kinds else n
-    out_layer = n_layers + 1
     nodes: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for i in range(n):
-        kind, layer, pos, feat = int(kinds[i]), int(layers[i]), int(positions[i]), int(features[i])
-        node: dict[str, Any] = {
-            "node_id": "",
-            "feature": -1,
-            "layer": str(layer),
-            "ctx_idx": pos,
-            "feature_type": "",
-            "token_prob": 0.0,
-            "is_target_logit": False,
-            "run_idx": 0,
-            "reverse_ctx_idx": 0,
-            "jsNodeId": "",
-            "clerp": "",
-            "influence": _finite_or_none(infl[i]),
-            "activation": None,
-        }
-        if kind == FEATURE:
-            node.update(
-                node_id=f"{layer}_{feat}_{pos}",
-                jsNodeId=f"{layer}_{feat}-0",
-                feature=(
-                    layer * d_transcoder + feat
-                    if isinstance(d_transcoder, int)
-                    else _cantor(layer, feat)
-                ),
-                feature_type="cross layer transcoder",
-                activation=_finite_or_none(acts[i]),
-            )
-        elif kind == ERROR:
-            node.update(
-                node_id=f"{layer}_-1_{pos}",
-                jsNodeId=f"{layer}_-1-{pos}",
-                feature_type="mlp reconstruction error",
-            )
-        elif kind == TOKEN:
-            if not 0 <= pos < len(token_ids):
-                raise TLCircuitsError(
-                    f"token node {i} has position {pos}, outside the {len(token_ids)}-token prompt"
-                )
-            tok = token_ids[pos]
-            node.update(
-                node_id=f"E_{tok}_{pos}",
-                jsNodeId=f"E_{tok}-{pos}",
-                feature=pos,
-                layer="E",
-                feature_type="embedding",
-            )
-        elif kind == TARGET:
-            j = i - first_target
-            t = graph.targets[j]
-            node.update(_target_fields(t, j, out_layer, pos, decode))
-            node["is_target_logit"] = t.kind == "logit" and j == _first_logit(graph.targets)
-        else:
-            raise TLCircuitsError(f"node {i} has unknown kind {kind} (kinds are {KINDS})")
+    for i, row in enumerate(columns):
+        node = _node_record(graph, i, row, n_layers, token_ids, first_target, decode)
+        node["influence"] = _finite_or_none(infl[i])
         if node["node_id"] in seen:  # only possible for repeated targets
             head, _, tail = node["node_id"].rpartition("_")
             node["node_id"] = f"{head}-{i - first_target}_{tail}"
@@ -317,6 +260,85 @@ def _frontend_nodes(
             node["clerp"] = str(clerps[node["node_id"]])
         nodes.append(node)
     return nodes
+
+
+def _influence_list(influence: Tensor | Sequence[float] | None, n: int) -> list[Any]:
+    """Per-node influence as a list of ``n`` floats (``None`` entries when not given)."""
+    if influence is None:
+        return [None] * n
+    infl = (
+        torch.as_tensor(influence).reshape(-1).tolist()
+        if isinstance(influence, Tensor)
+        else [float(x) for x in influence]
+    )
+    if len(infl) != n:
+        raise TLCircuitsError(f"influence has {len(infl)} entries, the graph {n} nodes")
+    return infl
+
+
+def _node_record(
+    graph: AttributionGraph,
+    i: int,
+    row: tuple[int, int, int, int, float],
+    n_layers: int,
+    token_ids: list[int],
+    first_target: int,
+    decode: Callable[[int], str] | None,
+) -> dict[str, Any]:
+    """The ``Node`` record of node ``i`` (``row``: its kind, layer, pos, feature and
+    activation), before influence, clerps and repeated ids."""
+    kind, layer, pos, feat, activation = row
+    node: dict[str, Any] = {
+        "node_id": "",
+        "feature": -1,
+        "layer": str(layer),
+        "ctx_idx": pos,
+        "feature_type": "",
+        "token_prob": 0.0,
+        "is_target_logit": False,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "jsNodeId": "",
+        "clerp": "",
+        "influence": None,
+        "activation": None,
+    }
+    if kind == FEATURE:
+        width = graph.info.get("d_transcoder") if graph.info else None
+        node.update(
+            node_id=f"{layer}_{feat}_{pos}",
+            jsNodeId=f"{layer}_{feat}-0",
+            feature=layer * width + feat if isinstance(width, int) else _cantor(layer, feat),
+            feature_type="cross layer transcoder",
+            activation=_finite_or_none(activation),
+        )
+    elif kind == ERROR:
+        node.update(
+            node_id=f"{layer}_-1_{pos}",
+            jsNodeId=f"{layer}_-1-{pos}",
+            feature_type="mlp reconstruction error",
+        )
+    elif kind == TOKEN:
+        if not 0 <= pos < len(token_ids):
+            raise TLCircuitsError(
+                f"token node {i} has position {pos}, outside the {len(token_ids)}-token prompt"
+            )
+        tok = token_ids[pos]
+        node.update(
+            node_id=f"E_{tok}_{pos}",
+            jsNodeId=f"E_{tok}-{pos}",
+            feature=pos,
+            layer="E",
+            feature_type="embedding",
+        )
+    elif kind == TARGET:
+        j = i - first_target
+        t = graph.targets[j]
+        node.update(_target_fields(t, j, n_layers + 1, pos, decode))
+        node["is_target_logit"] = t.kind == "logit" and j == _first_logit(graph.targets)
+    else:
+        raise TLCircuitsError(f"node {i} has unknown kind {kind} (kinds are {KINDS})")
+    return node
 
 
 def _first_logit(targets: list[Target]) -> int:

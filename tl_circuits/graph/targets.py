@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,41 +87,46 @@ def resolve_targets(
 
     if len(specs) == 0:
         raise TargetError("targets is empty; pass None for the default top logits")
-    targets: list[Target] = []
-    for spec in specs:
-        if isinstance(spec, Target):
-            targets.append(spec)
-        elif isinstance(spec, Tensor):
-            if spec.shape != (model.cfg.d_model,):
-                raise TargetError(
-                    f"a direction target must have shape ({model.cfg.d_model},), got "
-                    f"{tuple(spec.shape)}"
-                )
-            if not torch.isfinite(spec).all():
-                raise TargetError("a direction target contains NaN/inf")
-            vec = spec.to(W_U.dtype).to(W_U.device)
-            targets.append(
-                Target(kind="direction", label=f"direction #{len(targets)}", pos=pos, vector=vec)
+    return [_target_of(ctx, spec, pos, i, logit_target) for i, spec in enumerate(specs)]
+
+
+def _target_of(
+    ctx: ReplacementContext,
+    spec: Any,
+    pos: int,
+    index: int,
+    logit_target: Callable[[int, float], Target],
+) -> Target:
+    """The :class:`Target` of one user specification (see :func:`resolve_targets`)."""
+    model = ctx.model
+    W_U, b_U = model.W_U.detach(), model.b_U.detach()
+    if isinstance(spec, Target):
+        return spec
+    if isinstance(spec, Tensor):
+        if spec.shape != (model.cfg.d_model,):
+            raise TargetError(
+                f"a direction target must have shape ({model.cfg.d_model},), got "
+                f"{tuple(spec.shape)}"
             )
-        elif isinstance(spec, tuple):
-            if len(spec) != 2:
-                raise TargetError(f"a logit-difference target is a pair (a, b), got {spec!r}")
-            a, b = (_token_id(ctx, s) for s in spec)
-            targets.append(
-                Target(
-                    kind="logit_diff",
-                    label=f'"{_token_str(ctx, a)}" - "{_token_str(ctx, b)}"',
-                    pos=pos,
-                    vector=W_U[:, a] - W_U[:, b],
-                    bias=float(b_U[a] - b_U[b]),
-                    tokens=(a, b),
-                )
-            )
-        elif isinstance(spec, (int, str)):
-            targets.append(logit_target(_token_id(ctx, spec), 1.0))
-        else:
-            raise TargetError(f"cannot interpret target {spec!r}")
-    return targets
+        if not torch.isfinite(spec).all():
+            raise TargetError("a direction target contains NaN/inf")
+        vec = spec.to(W_U.dtype).to(W_U.device)
+        return Target(kind="direction", label=f"direction #{index}", pos=pos, vector=vec)
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise TargetError(f"a logit-difference target is a pair (a, b), got {spec!r}")
+        a, b = (_token_id(ctx, s) for s in spec)
+        return Target(
+            kind="logit_diff",
+            label=f'"{_token_str(ctx, a)}" - "{_token_str(ctx, b)}"',
+            pos=pos,
+            vector=W_U[:, a] - W_U[:, b],
+            bias=float(b_U[a] - b_U[b]),
+            tokens=(a, b),
+        )
+    if isinstance(spec, (int, str)):
+        return logit_target(_token_id(ctx, spec), 1.0)
+    raise TargetError(f"cannot interpret target {spec!r}")
 
 
 def target_values(targets: list[Target], final_normalized: Tensor) -> Tensor:

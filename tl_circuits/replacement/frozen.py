@@ -17,8 +17,8 @@ Per block ``l`` (pre-norm; ``g`` is the gradient on the residual stream after bl
   ``Attn^T(g)[k] = sum_h sum_q P_h[q, k] g[q] W_O^h^T W_V^h^T``;
 - parallel blocks (attention and MLP both read ``resid_pre``) add both branches to ``g``.
 
-Norm adjoints with frozen scale ``s`` and weight ``w``: RMS ``g * w / s``; LayerNorm
-``centre(g * w / s)`` (centring is linear and self-adjoint).
+Norm adjoints with frozen scale ``s`` and weight ``w`` (:mod:`.norms`): RMS ``g * w / s``;
+LayerNorm ``centre(g * w / s)`` (centring is linear and self-adjoint).
 """
 
 from __future__ import annotations
@@ -29,82 +29,16 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
-from tl_circuits.errors import UnsupportedArchitectureError
 from tl_circuits.replacement.context import ReplacementContext
+from tl_circuits.replacement.norms import (
+    Identity,
+    LinearMap,
+    frozen_norm,
+    norm_adjoint_,
+)
 
-
-@dataclass(frozen=True)
-class FrozenNorm:
-    """A norm with frozen scale: ``y = centre?(x) / s * w`` (+ bias, irrelevant here).
-
-    ``scale``: ``[pos, 1]``; ``weight``: ``[d]`` or None (folded); ``centre``: LayerNorm.
-    """
-
-    scale: Tensor
-    weight: Tensor | None
-    centre: bool
-
-    def adjoint(self, g: Tensor) -> Tensor:
-        """Gradient on the input given ``g`` ``[B, pos, d]`` on the output."""
-        if self.weight is not None:
-            g = g * self.weight
-        g = g / self.scale
-        if self.centre:
-            g = g - g.mean(-1, keepdim=True)
-        return g
-
-    def forward_linear(self, x: Tensor, first_pos: int = 0) -> Tensor:
-        """The linear part ``centre?(x) / s * w`` applied to ``x`` ``[..., pos, d]``, whose
-        positions are the prompt's ``first_pos, first_pos + 1, ...``."""
-        if self.centre:
-            x = x - x.mean(-1, keepdim=True)
-        x = x / self.scale[first_pos : first_pos + x.shape[-2]]
-        if self.weight is not None:
-            x = x * self.weight
-        return x
-
-
-def frozen_norm(module: torch.nn.Module, scale: Tensor, with_weight: bool = True) -> FrozenNorm:
-    """The linear part of a TransformerLens norm module with its scale frozen at ``scale``
-    (``with_weight=False``: without the weight, as ``ln2.hook_normalized`` reads it)."""
-    if isinstance(module, LayerNorm):
-        return FrozenNorm(scale, module.w.detach() if with_weight else None, True)
-    if isinstance(module, LayerNormPre):
-        return FrozenNorm(scale, None, True)
-    if isinstance(module, RMSNorm):
-        return FrozenNorm(scale, module.w.detach() if with_weight else None, False)
-    if isinstance(module, RMSNormPre):
-        return FrozenNorm(scale, None, False)
-    raise UnsupportedArchitectureError(f"unsupported normalisation module {type(module).__name__}")
-
-
-class _Identity:
-    def adjoint(self, g: Tensor) -> Tensor:
-        return g
-
-    def forward_linear(self, x: Tensor, first_pos: int = 0) -> Tensor:
-        return x
-
-
-class LinearMap(Protocol):
-    def adjoint(self, g: Tensor) -> Tensor: ...
-
-    def forward_linear(self, x: Tensor, first_pos: int = 0) -> Tensor: ...
-
-
-def _norm_adjoint_(norm: LinearMap, g: Tensor) -> None:
-    """:meth:`FrozenNorm.adjoint` in place on a position-major ``g`` ``[pos, B, d]``
-    (``pos`` a prefix of the prompt); nothing for the identity."""
-    if isinstance(norm, _Identity):
-        return
-    assert isinstance(norm, FrozenNorm)
-    if norm.weight is not None:
-        g.mul_(norm.weight)
-    g.div_(norm.scale[: g.shape[0], None, :])
-    if norm.centre:
-        g.sub_(g.mean(-1, keepdim=True))
+__all__ = ["BackwardWorkspace", "FrozenBlock", "FrozenLinearModel", "Seeds", "SparseSeeds"]
 
 
 @dataclass(frozen=True)
@@ -223,9 +157,9 @@ class FrozenBlock:
         n_heads, d_head = self.W_O.shape[0], self.W_O.shape[1]
         rows, width = n_pos * batch, n_heads * d_head
         src = g
-        if not isinstance(self.post_attn, _Identity):
+        if not isinstance(self.post_attn, Identity):
             out.copy_(g)
-            _norm_adjoint_(self.post_attn, out)
+            norm_adjoint_(self.post_attn, out)
             src = out
         gz = heads_a[: rows * width].view(rows, width)
         torch.mm(src.view(rows, d_model), self.W_O.reshape(width, d_model).T, out=gz)
@@ -239,7 +173,7 @@ class FrozenBlock:
         torch.mm(gv_heads[0], self.W_V[0].T, out=out_2d)
         for h in range(1, n_heads):
             out_2d.addmm_(gv_heads[h], self.W_V[h].T)
-        _norm_adjoint_(self.ln1, out)
+        norm_adjoint_(self.ln1, out)
 
     def attn_forward(self, x: Tensor, first_pos: int = 0) -> Tensor:
         """Linear part of attention on ``x`` ``[B, pos, d_model]`` (no biases).
@@ -279,7 +213,7 @@ class FrozenLinearModel:
             post = (
                 frozen_norm(block.ln1_post, scale(prefix + "ln1_post.hook_scale"))
                 if hasattr(block, "ln1_post")
-                else _Identity()
+                else Identity()
             )
             suffix = tcs.input_hook(layer).removeprefix(prefix)
             ln2_scale = scale(prefix + "ln2.hook_scale")
@@ -288,7 +222,7 @@ class FrozenLinearModel:
             elif suffix == "ln2.hook_normalized":
                 mlp_in = frozen_norm(block.ln2, ln2_scale, with_weight=False)
             else:  # hook_resid_mid / hook_mlp_in: the residual stream itself
-                mlp_in = _Identity()
+                mlp_in = Identity()
             blocks.append(
                 FrozenBlock(
                     ln1=ln1,
@@ -342,7 +276,7 @@ class FrozenLinearModel:
         resid_layer = -1 if seeds.resid is None else seeds.resid[0]
         if seeds.final is not None:
             g_view.copy_(seeds.final)
-            _norm_adjoint_(self.ln_final, g)
+            norm_adjoint_(self.ln_final, g)
             top = self.n_layers - 1
         else:
             g.zero_()
@@ -388,7 +322,7 @@ class FrozenLinearModel:
         elif seed is not None:
             gx.add_(seed.transpose(0, 1))
         if has_gx:
-            _norm_adjoint_(block.mlp_in, gx)
+            norm_adjoint_(block.mlp_in, gx)
         if block.parallel:  # attention and the MLP both read resid_pre: add both branches
             sink.attn_out(layer, g.transpose(0, 1))
             block.attn_adjoint_into(g, tmp, heads_a, heads_b)

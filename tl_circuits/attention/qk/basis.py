@@ -47,7 +47,7 @@ from tl_circuits.attention.qk.reverse import ReverseHeadVectors
 from tl_circuits.errors import QKError, UnsupportedArchitectureError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.model.prompt import Prompt, to_tokens
-from tl_circuits.replacement.frozen import FrozenNorm, frozen_norm
+from tl_circuits.replacement.norms import FrozenNorm, frozen_norm
 
 __all__ = ["BIAS", "EXCLUDED", "ComponentTable", "QKBasis"]
 

@@ -25,7 +25,7 @@ from tl_circuits.attention.qk.components import (
     scale_hook_names,
 )
 from tl_circuits.errors import QKError, UnsupportedArchitectureError
-from tl_circuits.replacement.frozen import frozen_norm
+from tl_circuits.replacement.norms import frozen_norm
 
 # ---- SAE basis --------------------------------------------------------------------------
 

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from tl_circuits.attention.qk.components import Side
 from tl_circuits.replacement.context import ReplacementContext
-from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds, frozen_norm
+from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds
+from tl_circuits.replacement.norms import frozen_norm
 from tl_circuits.replacement.sources import ColumnSink, SourceColumns
 
 #: seed rows per reverse pass
