@@ -60,6 +60,16 @@ def all_heads(basis: QKBasis, query: int) -> int:
     return n_terms
 
 
+STEPS = (
+    "forward_table",
+    "forward_all_heads",
+    "reverse_one_key",
+    "reverse_all_keys",
+    "auto_all_heads",
+    "components",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=64)
@@ -68,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--only",
+        default=",".join(STEPS),
+        help=f"comma-separated steps to run, of {','.join(STEPS)} (default: all)",
+    )
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - set(STEPS):
+        ap.error(f"unknown steps {sorted(only - set(STEPS))}; choose from {','.join(STEPS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -90,14 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"graph ({len(graph.nodes)} nodes) in {build_s:.1f}s", flush=True)
     query = args.tokens - 1
     steps = {}
-    forward = QKBasis.from_graph(graph, layer, method="forward")
-    some_row = forward.live_rows([query])[:1]
-    _, steps["graph_forward_table"] = measure(forward.contributions, some_row, [query])
-    n_terms, steps["graph_forward_all_heads"] = measure(all_heads, forward, query)
-    steps["graph_forward_all_heads"]["terms"] = n_terms
-    steps["graph_forward_table"]["components"] = len(forward.live_rows([query]))
-    del forward
+    if only & {"forward_table", "forward_all_heads"}:
+        forward = QKBasis.from_graph(graph, layer, method="forward")
+        some_row = forward.live_rows([query])[:1]
+        _, steps["graph_forward_table"] = measure(forward.contributions, some_row, [query])
+        steps["graph_forward_table"]["components"] = len(forward.live_rows([query]))
+        if "forward_all_heads" in only:
+            n_terms, steps["graph_forward_all_heads"] = measure(all_heads, forward, query)
+            steps["graph_forward_all_heads"]["terms"] = n_terms
+        del forward
     for name, keys in (("one_key", [query - 1]), ("all_keys", None)):
+        if f"reverse_{name}" not in only:
+            continue
         reverse = QKBasis.from_graph(graph, layer, method="reverse")
         _, steps[f"graph_reverse_{name}"] = measure(
             QKAttribution.from_basis, reverse, head=0, query_pos=query, key_pos=keys
@@ -105,16 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         assert reverse.reverse is not None
         steps[f"graph_reverse_{name}"]["seeds"] = reverse.reverse.seeds_run
         del reverse
-    auto = QKBasis.from_graph(graph, layer)
-    n_terms, steps["graph_auto_all_heads"] = measure(all_heads, auto, query)
-    assert auto.reverse is not None
-    steps["graph_auto_all_heads"]["seeds"] = auto.reverse.seeds_run
-    steps["graph_auto_all_heads"]["forward_table"] = auto.reverse.forward_built()
-    del auto
-    comp, steps["components_basis"] = measure(QKBasis.from_components, model, tokens, layer)
-    n_terms, steps["components_all_heads"] = measure(all_heads, comp, query)
-    steps["components_all_heads"]["terms"] = n_terms
-    steps["components_basis"]["components"] = len(comp.table)
+    if "auto_all_heads" in only:
+        auto = QKBasis.from_graph(graph, layer)
+        n_terms, steps["graph_auto_all_heads"] = measure(all_heads, auto, query)
+        assert auto.reverse is not None
+        steps["graph_auto_all_heads"]["seeds"] = auto.reverse.seeds_run
+        steps["graph_auto_all_heads"]["forward_table"] = auto.reverse.forward_built()
+        del auto
+    if "components" in only:
+        comp, steps["components_basis"] = measure(QKBasis.from_components, model, tokens, layer)
+        n_terms, steps["components_all_heads"] = measure(all_heads, comp, query)
+        steps["components_all_heads"]["terms"] = n_terms
+        steps["components_basis"]["components"] = len(comp.table)
     for name, step in steps.items():
         print(
             f"{name:26s} {step['seconds']:8.2f} s  {step['build_memory_bytes'] / 2**20:8.0f} MiB"

@@ -10,7 +10,7 @@ import torch
 from conftest import cached_model, cached_transcoders, prompt_tokens
 
 from tl_circuits import AttributionGraph
-from tl_circuits.graph.causal_adjacency import CausalAdjacency
+from tl_circuits.graph.causal_adjacency import CausalAdjacency, causal_groups
 from tl_circuits.graph.nodes import FEATURE
 from tl_circuits.testing import FAMILIES
 
@@ -25,7 +25,9 @@ def test_causal_blocks_hold_every_edge(family: str, kind: str) -> None:
     graph = AttributionGraph.build(model, tcs, prompt_tokens(), show_progress=False)
     dense = graph.adjacency
     nodes = graph.nodes
-    adj = CausalAdjacency.from_nodes(nodes.kind, nodes.layer, nodes.pos, dtype=F64)
+    adj = CausalAdjacency.from_groups(
+        len(nodes.kind), causal_groups(nodes.kind, nodes.layer, nodes.pos), dtype=F64
+    )
     every = torch.arange(len(nodes))
     adj.set_rows(every, dense)
     # nothing outside the causal source sets: the blocks reproduce the matrix exactly
@@ -33,7 +35,9 @@ def test_causal_blocks_hold_every_edge(family: str, kind: str) -> None:
     assert adj.nbytes < 0.6 * dense.numel() * dense.element_size()
     gen = torch.Generator().manual_seed(0)
     # rows written in several batches land in the same place
-    again = CausalAdjacency.from_nodes(nodes.kind, nodes.layer, nodes.pos, dtype=F64)
+    again = CausalAdjacency.from_groups(
+        len(nodes.kind), causal_groups(nodes.kind, nodes.layer, nodes.pos), dtype=F64
+    )
     order = torch.randperm(len(nodes), generator=gen)
     for chunk in order.split(7):
         again.set_rows(chunk, dense[chunk])
@@ -46,7 +50,7 @@ def test_an_edge_outside_the_causal_set_is_an_error() -> None:
     kind = torch.tensor([0, 0, 1, 2, 2, 3])
     layer = torch.tensor([0, 1, 0, -1, -1, 2])
     pos = torch.tensor([0, 1, 0, 0, 1, 1])
-    adj = CausalAdjacency.from_nodes(kind, layer, pos, dtype=F64)
+    adj = CausalAdjacency.from_groups(len(kind), causal_groups(kind, layer, pos), dtype=F64)
     ok = torch.zeros(1, 6, dtype=F64)
     ok[0, [0, 2, 3, 4]] = 1.0  # L1 @1 reads L0 features/errors and tokens @<=1
     adj.set_rows(torch.tensor([1]), ok)

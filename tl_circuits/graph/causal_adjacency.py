@@ -6,9 +6,9 @@ and token nodes have none; a target reads everything. Grouping the rows by (laye
 position) and storing, per group, a dense ``[rows, sources]`` block over exactly those
 sources keeps about a quarter of the dense ``n_nodes x n_nodes`` matrix.
 
-``CausalAdjacency.from_nodes(kind, layer, pos)`` lays the blocks out for a node table;
-rows are then written with :meth:`set_rows` (dense rows over all columns, as the build's
-reverse passes produce them), and read back with :meth:`to_dense`.
+``CausalAdjacency.from_groups(n_nodes, causal_groups(kind, layer, pos))`` lays the blocks
+out for a node table; rows are then written with :meth:`set_rows` (dense rows over all
+columns, as the build's reverse passes produce them), and read back with :meth:`to_dense`.
 """
 
 from __future__ import annotations
@@ -42,18 +42,6 @@ class CausalAdjacency:
         for g, group in enumerate(groups):
             self.group_of[group.rows] = g
             self.slot_of[group.rows] = torch.arange(len(group.rows))
-
-    @classmethod
-    def from_nodes(
-        cls,
-        kind: Tensor,
-        layer: Tensor,
-        pos: Tensor,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> CausalAdjacency:
-        """Zero blocks for the nodes ``kind``/``layer``/``pos`` (``[n_nodes]`` each)."""
-        return cls.from_groups(len(kind), causal_groups(kind, layer, pos), dtype, device)
 
     @classmethod
     def from_groups(

@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from tl_circuits.atomic import write_safetensors, write_text
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.causal_adjacency import CausalAdjacency, row_groups
 from tl_circuits.graph.nodes import NodeTable, Target
+from tl_circuits.storage import read_safetensors, write_safetensors, write_text
 
 if TYPE_CHECKING:
     from tl_circuits.graph.graph import AttributionGraph
@@ -103,8 +103,6 @@ def load_graph(path: str | Path) -> AttributionGraph:
     :class:`~tl_circuits.errors.TLCircuitsError` for anything that is not a graph of a
     supported format version.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_dir():
         header_path, tensor_path = path / HEADER_FILE, path / TENSOR_FILE
@@ -128,12 +126,7 @@ def load_graph(path: str | Path) -> AttributionGraph:
     else:
         raise FileNotFoundError(f"no saved graph at {path}")
 
-    try:
-        with safe_open(str(source), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own (Rust) error types
-        raise TLCircuitsError(f"{source} is not a readable safetensors file: {e}") from e
+    tensors, metadata = read_safetensors(source)
 
     if header is None:
         if METADATA_KEY not in metadata:

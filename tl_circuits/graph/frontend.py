@@ -40,10 +40,10 @@ import torch
 from torch import Tensor
 
 from tl_circuits._version import __version__
-from tl_circuits.atomic import write_text
 from tl_circuits.errors import NonFiniteError, TLCircuitsError
 from tl_circuits.graph.files import check_graph
 from tl_circuits.graph.nodes import ERROR, FEATURE, KINDS, TARGET, TOKEN, Target
+from tl_circuits.storage import write_text
 
 if TYPE_CHECKING:
     from tl_circuits.graph.graph import AttributionGraph

@@ -63,11 +63,11 @@ import psutil
 import torch
 from torch import Tensor
 
-from tl_circuits.atomic import write_safetensors
 from tl_circuits.attention.heads.compute import head_loading_fields
 from tl_circuits.errors import HeadLoadingError
 from tl_circuits.graph.context import graph_context
 from tl_circuits.graph.nodes import FEATURE, KINDS, TARGET
+from tl_circuits.storage import read_safetensors, write_safetensors
 from tl_circuits.typing import Bool, Float, Int, typechecked
 
 #: the tensor fields, in order (the last four only with ``split_write_layers``)
@@ -195,17 +195,10 @@ class HeadLoadings:
     def load(cls, path: str | Path, graph: AttributionGraph | None = None) -> HeadLoadings:
         """Read loadings written by :meth:`save` (``path``: the graph folder or the file).
         With ``graph``, check that they are this graph's (:meth:`check_graph`)."""
-        from safetensors import safe_open
-
         source = _file_of(Path(path))
         if not source.is_file():
             raise FileNotFoundError(f"no head loadings at {source} (HeadLoadings.save writes it)")
-        try:
-            with safe_open(str(source), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:  # safetensors raises its own (Rust) error types
-            raise HeadLoadingError(f"{source} is not a readable safetensors file: {e}") from e
+        tensors, metadata = read_safetensors(source, HeadLoadingError)
         if metadata.get("format") != FORMAT_NAME or metadata.get("version") != str(FORMAT_VERSION):
             raise HeadLoadingError(
                 f"{source} is not a {FORMAT_NAME} file of version {FORMAT_VERSION} "

@@ -248,18 +248,3 @@ def _check_layer(model: HookedTransformer, layer: int) -> None:
             "OLMo's QK-norm spans all heads (not bilinear per head); QK attribution is "
             "per-head exact only for per-head QK-norm"
         )
-
-
-def _check_layer(model: HookedTransformer, layer: int) -> None:
-    cfg = model.cfg
-    if not 0 <= layer < cfg.n_layers:
-        raise QKError(f"layer {layer} out of range [0, {cfg.n_layers})")
-    if cfg.use_logn_attn or cfg.use_dynamic_ntk_rope:
-        raise UnsupportedArchitectureError(
-            "QK attribution does not support log-n attention scaling or dynamic NTK rotary"
-        )
-    if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
-        raise UnsupportedArchitectureError(
-            "OLMo's QK-norm spans all heads (not bilinear per head); QK attribution is "
-            "per-head exact only for per-head QK-norm"
-        )

@@ -1,8 +1,10 @@
-"""Atomic file writes: a file appears with its whole content or not at all.
+"""Safe file access shared by every file format of the package.
 
-Each writer writes a temporary file in the destination's directory and renames it over the
-destination (``os.replace``, atomic on POSIX), so a reader never sees a half-written file
-and an interrupted write leaves the old file in place.
+Writes are atomic: a file appears with its whole content or not at all. Each writer writes
+a temporary file in the destination's directory and renames it over the destination
+(``os.replace``, atomic on POSIX), so a reader never sees a half-written file and an
+interrupted write leaves the old file in place. Tensors are read through safetensors only
+(never unpickled).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor
+
+from tl_circuits.errors import TLCircuitsError
 
 
 def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
@@ -60,3 +64,19 @@ def _owned(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
             seen.add(ptr)
         out[name] = t
     return out
+
+
+def read_safetensors(
+    path: Path, error: type[TLCircuitsError] = TLCircuitsError
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of the safetensors file ``path``, on the CPU; a file that is
+    not readable safetensors raises ``error`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own (Rust) error types
+        raise error(f"{path} is not a readable safetensors file: {e}") from e
+    return tensors, metadata
