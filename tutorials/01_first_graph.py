@@ -178,10 +178,19 @@ for q_node, k_node, value in qk.top_terms(key, k=3):
 
 # %% [markdown]
 # ## Save and export
-# `save` is lossless (safetensors + JSON, no pickle); `to_json` writes the graph format the
-# Neuronpedia / circuit-tracer frontend reads.
+# `save` is lossless (safetensors + JSON, no pickle). Head loadings are not part of the
+# graph: save them beside it and load them back with it (the load checks they belong to
+# that graph). `to_json` writes the graph alone in the format the Neuronpedia /
+# circuit-tracer frontend reads; `export_json` adds the heads that carried each link.
 
 # %%
+from tl_circuits import export_json  # noqa: E402
+
 graph.save("first_graph")
 assert torch.equal(AttributionGraph.load("first_graph").adjacency, graph.adjacency)
+pruned.save("first_pruned")
+hl.save("first_pruned")  # first_pruned/head_loadings.safetensors
+loaded = HeadLoadings.load("first_pruned", graph=AttributionGraph.load("first_pruned"))
+assert torch.equal(loaded.loadings, hl.loadings)
 pruned.to_json("first_graph.json")
+export_json(pruned, "first_graph_heads.json", head_loadings=hl)

@@ -24,7 +24,7 @@
 # %%
 import torch
 
-from tl_circuits import AttributionGraph, QKAttribution, QKBasis, intervene_qk
+from tl_circuits import AttributionGraph, HeadLoadings, QKAttribution, QKBasis, intervene_qk
 from tl_circuits.default import (
     DEFAULT_PROMPTS,
     default_card,
@@ -68,7 +68,7 @@ print("replacement score:", round(graph.scores().replacement, 3))
 # induction head.
 
 # %%
-loadings = graph.compute_head_loadings([[target, source]])
+loadings = HeadLoadings.compute(graph, [(target, source)])
 edge = float(loadings.edge_values[0])
 for layer, head, value in loadings.top_heads(0, k=3):
     print(f"  L{layer}H{head}: {value:+.3f} of the edge's {edge:+.3f}")

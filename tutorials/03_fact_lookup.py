@@ -17,7 +17,7 @@
 
 import torch
 
-from tl_circuits import AttributionGraph, FeatureIntervention, intervene
+from tl_circuits import AttributionGraph, FeatureIntervention, HeadLoadings, intervene
 from tl_circuits.default import (
     DEFAULT_PROMPTS,
     default_card,
@@ -84,7 +84,7 @@ assert reads[entity_pos] > 0  # and the entity, brought over by attention
 # %%
 top_feature = int(lookup[0])
 entity_node = int(token_nodes[entity_pos])
-loadings = graph.compute_head_loadings([[top_feature, entity_node]])
+loadings = HeadLoadings.compute(graph, [(top_feature, entity_node)])
 print(
     f"{graph.node_label(entity_node)} -> {graph.node_label(top_feature)}:"
     f" {float(loadings.edge_values[0]):+.3f}"

@@ -37,9 +37,15 @@
 # %%
 import torch
 
-from tl_circuits import AttributionGraph, HeadLoadings, QKAttribution, ReplacementContext
+from tl_circuits import (
+    AttributionGraph,
+    HeadLoadings,
+    QKAttribution,
+    ReplacementContext,
+    load_pretrained,
+)
 from tl_circuits.graph.build import estimate_memory_bytes
-from tl_circuits.transcoders.loading import load_pretrained, release_sae_ids
+from tl_circuits.transcoders.loading import release_sae_ids
 
 # %% [markdown]
 # ## Load gemma-2-2b and its transcoders
