@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -35,15 +35,12 @@ from tl_circuits.attention.qk.components import (
     EXCLUDED,
     BasisParts,
     ComponentTable,
-    Contributions,
-    LiveRows,
     Side,
     capture,
     side_head,
 )
 from tl_circuits.attention.qk.dictionary_bases import components_basis, sae_basis
 from tl_circuits.attention.qk.graph_basis import Method, graph_basis
-from tl_circuits.attention.qk.reverse import ReverseHeadVectors
 from tl_circuits.errors import QKError, UnsupportedArchitectureError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.model.prompt import Prompt, to_tokens
@@ -55,9 +52,11 @@ __all__ = ["BIAS", "EXCLUDED", "ComponentTable", "QKBasis"]
 CHUNK = 512
 
 
-@dataclass(frozen=True, eq=False)
-class QKBasis:
-    """Components of ``resid_pre(layer)`` of ``model`` on ``tokens`` (see the module doc).
+@dataclass(frozen=True, eq=False, kw_only=True)
+class QKBasis(BasisParts):
+    """Components of ``resid_pre(layer)`` of ``model`` on ``tokens`` (see the module doc):
+    a builder's :class:`~tl_circuits.attention.qk.components.BasisParts` plus the model,
+    prompt and layer, and the projection every basis shares.
 
     ``contributions(rows, positions)`` returns ``[len(rows), len(positions), d_model]``,
     component ``rows`` (table rows) at ``positions``; summed over all rows it is
@@ -72,12 +71,6 @@ class QKBasis:
     model: HookedTransformer
     tokens: Tensor
     layer: int
-    name: str
-    table: ComponentTable
-    frozen: dict[str, Tensor]
-    contributions: Contributions
-    live_rows: LiveRows
-    reverse: ReverseHeadVectors | None = None
 
     # ---- constructors ------------------------------------------------------------------
 
@@ -126,17 +119,8 @@ class QKBasis:
     def _of(
         cls, model: HookedTransformer, tokens: Tensor, layer: int, parts: BasisParts
     ) -> QKBasis:
-        return cls(
-            model=model,
-            tokens=tokens,
-            layer=layer,
-            name=parts.name,
-            table=parts.table,
-            frozen=parts.frozen,
-            contributions=parts.contributions,
-            live_rows=parts.live_rows,
-            reverse=parts.reverse,
-        )
+        built = {f.name: getattr(parts, f.name) for f in fields(parts)}
+        return cls(model=model, tokens=tokens, layer=layer, **built)
 
     # ---- the shared projection ---------------------------------------------------------
 
