@@ -196,32 +196,11 @@ def train_transcoders(
         if not initialised:
             module.initialise(x_raw, y_raw, torch.Generator().manual_seed(cfg.seed))
             initialised = True
-        x, y = module.normalise(x_raw, y_raw)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, state.tokens_seen)
-        loss, recon_loss, acts, sq_err = module.losses(
-            x, y, sparsity_coefficient(cfg, state.tokens_seen)
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        state.tokens_seen += x.shape[1]
-        state.step += 1
+        n_new = _train_step(cfg, module, optimizer, x_raw, y_raw, state, last_fired, stats)
         state.position = position
-        fired = (acts > 0).any(1)
-        last_fired[fired] = state.tokens_seen
-        stats.update(y, sq_err, acts, loss, recon_loss)
-        bar.update(min(x.shape[1], cfg.n_tokens - bar.n))
+        bar.update(min(n_new, cfg.n_tokens - bar.n))
         if state.step % 10 == 0 or state.tokens_seen >= cfg.n_tokens:
-            dead = _dead_fraction(last_fired, state.tokens_seen, cfg.dead_after_tokens)
-            shown = stats.to_dict()
-            bar.set_postfix(
-                loss=f"{shown['loss']:.4f}",
-                fvu=f"{sum(shown['fvu']) / len(layers):.3f}",
-                l0=f"{sum(shown['l0']) / len(layers):.1f}",
-                dead=f"{sum(dead) / len(layers):.2f}",
-            )
+            _show_progress(bar, stats, last_fired, state.tokens_seen, cfg, len(layers))
         if root is not None and next_checkpoint and state.tokens_seen >= next_checkpoint:
             state.seconds = time.perf_counter() - started
             state.stats = stats.to_dict()
@@ -239,6 +218,55 @@ def train_transcoders(
         save_checkpoint(root, cfg, layers, module, optimizer, last_fired, state)
     return _finish(model, module, cfg, layers, source, state, last_fired, root, eval_tokens,
                    eval_loss_mask, progress)  # fmt: skip
+
+
+def _train_step(
+    cfg: TrainingConfig,
+    module: TrainableTranscoder,
+    optimizer: torch.optim.Optimizer,
+    x_raw: Tensor,
+    y_raw: Tensor,
+    state: TrainingState,
+    last_fired: Tensor,
+    stats: RunningStats,
+) -> int:
+    """One optimiser step on a batch (learning rate and sparsity coefficient scheduled by
+    the tokens seen); updates ``state``, ``last_fired`` and ``stats``; returns the batch's
+    token count."""
+    x, y = module.normalise(x_raw, y_raw)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, state.tokens_seen)
+    loss, recon_loss, acts, sq_err = module.losses(
+        x, y, sparsity_coefficient(cfg, state.tokens_seen)
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    state.tokens_seen += x.shape[1]
+    state.step += 1
+    fired = (acts > 0).any(1)
+    last_fired[fired] = state.tokens_seen
+    stats.update(y, sq_err, acts, loss, recon_loss)
+    return int(x.shape[1])
+
+
+def _show_progress(
+    bar: tqdm,
+    stats: RunningStats,
+    last_fired: Tensor,
+    tokens_seen: int,
+    cfg: TrainingConfig,
+    n_layers: int,
+) -> None:
+    """Loss, FVU, L0 and dead fraction (means over layers) on the progress bar."""
+    dead = _dead_fraction(last_fired, tokens_seen, cfg.dead_after_tokens)
+    shown = stats.to_dict()
+    bar.set_postfix(
+        loss=f"{shown['loss']:.4f}",
+        fvu=f"{sum(shown['fvu']) / n_layers:.3f}",
+        l0=f"{sum(shown['l0']) / n_layers:.1f}",
+        dead=f"{sum(dead) / n_layers:.2f}",
+    )
 
 
 def _next_multiple(tokens_seen: int, every: int) -> int:
