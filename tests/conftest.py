@@ -18,7 +18,7 @@ from tl_circuits.testing import (
     random_transcoders,
 )
 
-ALL_KINDS = (*TRANSCODER_KINDS, "clt")
+ALL_KINDS = (*TRANSCODER_KINDS, "clt", "clt_topk")
 
 
 @functools.cache
@@ -33,6 +33,8 @@ def cached_transcoders(
     model = cached_model(family, fold_ln, dtype)
     if kind == "clt":
         return random_clt(model)
+    if kind == "clt_topk":
+        return random_clt(model, activation="topk")
     return random_transcoders(model, kind)  # type: ignore[arg-type]
 
 

@@ -61,7 +61,7 @@ def test_g1_inputs_complete(family: str, kind: str) -> None:
         assert graph.adjacency[graph.indices("target")].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["relu", "skip", "jumprelu_skip", "clt"])
+@pytest.mark.parametrize("kind", ["relu", "skip", "jumprelu_skip", "topk", "clt", "clt_topk"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_g2_interventions_agree(family: str, kind: str) -> None:
     graph = _graph(family, kind, _custom_targets(family))

@@ -23,8 +23,15 @@ from tl_circuits.transcoders.per_layer import SAELENS_CLASSES, TranscoderSet
 
 Family = Literal["gpt2", "llama", "qwen3", "gemma2", "pythia"]
 FAMILIES: tuple[Family, ...] = ("gpt2", "llama", "qwen3", "gemma2", "pythia")
-TranscoderKind = Literal["relu", "skip", "jumprelu", "jumprelu_skip"]
-TRANSCODER_KINDS: tuple[TranscoderKind, ...] = ("relu", "skip", "jumprelu", "jumprelu_skip")
+TranscoderKind = Literal["relu", "skip", "jumprelu", "jumprelu_skip", "topk"]
+#: the SAE-Lens classes, and TopK (a ReLU ``Transcoder`` whose set keeps the top k)
+TRANSCODER_KINDS: tuple[TranscoderKind, ...] = (
+    "relu",
+    "skip",
+    "jumprelu",
+    "jumprelu_skip",
+    "topk",
+)
 
 _FAMILY_CONFIG: dict[str, dict] = {
     # LayerNorm, learned positions, biases everywhere
@@ -167,7 +174,9 @@ def random_transcoders(
     """One random SAE-Lens transcoder of class ``kind`` per layer, as a TranscoderSet.
 
     Encoder biases are set so each feature is active on about ``active_fraction`` of the
-    MLP inputs of random prompts ``calibration_positions`` tokens long.
+    MLP inputs of random prompts ``calibration_positions`` tokens long. ``"topk"``: ReLU
+    transcoders in a set keeping the ``round(active_fraction * d_sae)`` largest
+    pre-activations per position.
     """
     install_mlp_input_hooks(model)
     cfg = model.cfg
@@ -216,20 +225,22 @@ def random_transcoders(
                     ).to(dtype)
                 )
         saes.append(sae)
-    return TranscoderSet.from_saelens(saes)
+    top_k = max(1, round(active_fraction * d_sae)) if kind == "topk" else None
+    return TranscoderSet.from_saelens(saes, top_k=top_k)
 
 
 def random_clt(
     model: HookedTransformer,
     *,
     d_sae: int = 48,
-    activation: Literal["relu", "jumprelu"] = "jumprelu",
+    activation: Literal["relu", "jumprelu", "topk"] = "jumprelu",
     skip: bool = True,
     active_fraction: float = 0.15,
     input_hook: str = "mlp.hook_in",
     seed: int = 0,
 ) -> CrossLayerTranscoder:
-    """A random cross-layer transcoder over all layers of ``model``."""
+    """A random cross-layer transcoder over all layers of ``model`` (``"topk"``: keeping the
+    ``round(active_fraction * d_sae)`` largest pre-activations per position)."""
     install_mlp_input_hooks(model)
     cfg = model.cfg
     L, d = cfg.n_layers, cfg.d_model
@@ -261,6 +272,7 @@ def random_clt(
         d_model=d,
         d_sae=d_sae,
         activation=activation,
+        top_k=max(1, round(active_fraction * d_sae)) if activation == "topk" else None,
         skip=skip,
         input_hook="blocks.{layer}." + input_hook,
         output_hook="blocks.{layer}.hook_mlp_out",

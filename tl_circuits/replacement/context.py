@@ -123,7 +123,8 @@ def validate_transcoders(model: HookedTransformer, transcoders: Transcoders) -> 
 @typechecked
 @dataclass(frozen=True)
 class FeatureTable:
-    """Active features (activation > 0), sorted by (layer, pos, feature)."""
+    """Active features (activation nonzero: > 0 for ReLU and JumpReLU; a TopK encoder keeps
+    pre-activations of either sign), sorted by (layer, pos, feature)."""
 
     layer: Int[Tensor, " n"]
     pos: Int[Tensor, " n"]
@@ -249,10 +250,10 @@ class ReplacementContext:
         return int(self.tokens.shape[0])
 
     def active_features(self) -> FeatureTable:
-        """Every (layer, pos, feature) with activation > 0."""
+        """Every (layer, pos, feature) with a nonzero activation."""
         layers, poss, feats, acts, pres = [], [], [], [], []
         for layer in range(self.n_layers):
-            pos, feat = (self.activations[layer] > 0).nonzero(as_tuple=True)
+            pos, feat = (self.activations[layer] != 0).nonzero(as_tuple=True)
             layers.append(torch.full_like(pos, layer))
             poss.append(pos)
             feats.append(feat)
@@ -270,7 +271,7 @@ class ReplacementContext:
             centred = out - out.mean(0, keepdim=True)
             fvu.append(err.pow(2).sum() / centred.pow(2).sum().clamp_min(1e-30))
             rel.append(err.norm() / out.norm().clamp_min(1e-30))
-            l0.append((self.activations[layer] > 0).float().sum(-1).mean())
+            l0.append((self.activations[layer] != 0).float().sum(-1).mean())
         return ReconstructionStats(torch.stack(fvu), torch.stack(rel), torch.stack(l0))
 
     # ---- the replacement model -------------------------------------------------------

@@ -41,14 +41,28 @@ def layer_of_hook(hook_name: str) -> int:
 class Encoder:
     """One layer's feature encoder.
 
-    ``pre = x_in @ W_enc + b_enc`` (shape ``[..., d_sae]``); the activation is
-    ``relu(pre)``, masked by ``pre > threshold`` for JumpReLU (``threshold`` not None),
-    exactly as SAE-Lens computes it.
+    ``pre = x_in @ W_enc + b_enc`` (shape ``[..., d_sae]``). The activation is one of:
+
+    - ReLU: ``relu(pre)``;
+    - JumpReLU (``threshold`` set): ``relu(pre)`` masked by ``pre > threshold``, exactly as
+      SAE-Lens computes it;
+    - TopK (``top_k`` set): at each position the ``top_k`` largest pre-activations are
+      kept as they are (not rectified, as circuit-tracer's ``TopK`` keeps them) and the rest
+      are 0; with a ``threshold`` as well, kept values must also exceed it. The kept set is
+      part of the frozen state of a prompt (DESIGN.md §1): a kept feature is a node whose
+      activation is its pre-activation.
     """
 
     W_enc: Tensor  # [d_in, d_sae]
     b_enc: Tensor  # [d_sae]
-    threshold: Tensor | None  # [d_sae], JumpReLU only
+    threshold: Tensor | None  # [d_sae], JumpReLU (or a TopK format's threshold rule)
+    top_k: int | None = None  # TopK: features kept per position
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and not 0 < self.top_k <= self.W_enc.shape[1]:
+            raise TranscoderConfigError(
+                f"top_k must be in [1, d_sae={self.W_enc.shape[1]}], got {self.top_k}"
+            )
 
     @property
     def d_sae(self) -> int:
@@ -59,7 +73,14 @@ class Encoder:
         return x_in @ self.W_enc + self.b_enc
 
     def activations(self, pre: Tensor) -> Tensor:
-        """Pre-activations ``[..., d_sae]`` -> activations ``[..., d_sae]`` (>= 0)."""
+        """Pre-activations ``[..., d_sae]`` -> activations ``[..., d_sae]`` (>= 0 except the
+        kept values of a TopK encoder, which keep their sign)."""
+        if self.top_k is not None:
+            kept = torch.zeros_like(pre, dtype=torch.bool)
+            kept.scatter_(-1, pre.topk(self.top_k, dim=-1).indices, True)
+            if self.threshold is not None:
+                kept &= pre > self.threshold
+            return torch.where(kept, pre, torch.zeros_like(pre))
         acts = torch.relu(pre)
         if self.threshold is None:
             return acts

@@ -5,7 +5,8 @@ the MLP output of every layer ``l' >= l``. SAE-Lens has no class for this, so th
 ours (see ``docs/clt_format.md``)::
 
     cfg.json                 {"format": "tl_circuits.clt", "version": 1, "n_layers", "d_model",
-                              "d_sae", "activation": "relu" | "jumprelu", "skip": bool,
+                              "d_sae", "activation": "relu" | "jumprelu" | "topk",
+                              "top_k" (topk only), "skip": bool,
                               "dtype", "input_hook", "output_hook", "fold_ln", "model_name"}
     layer_{l}.safetensors    W_enc [d_model, d_sae], b_enc [d_sae], threshold [d_sae] (jumprelu),
                              W_dec [d_sae, n_layers - l, d_model]  (slot j writes to layer l + j),
@@ -33,7 +34,8 @@ from tl_circuits.transcoders.base import Encoder, Transcoders
 CLT_FORMAT = "tl_circuits.clt"
 CLT_VERSION = 1
 CFG_FILE = "cfg.json"
-Activation = Literal["relu", "jumprelu"]
+Activation = Literal["relu", "jumprelu", "topk"]
+ACTIVATIONS = ("relu", "jumprelu", "topk")
 
 
 #: Keys ``cfg.json`` must have (``fold_ln`` and ``model_name`` may be absent or null).
@@ -68,6 +70,7 @@ class CrossLayerTranscoder(Transcoders):
         d_model: int,
         d_sae: int,
         activation: Activation = "jumprelu",
+        top_k: int | None = None,
         skip: bool = False,
         input_hook: str = "blocks.{layer}.mlp.hook_in",
         output_hook: str = "blocks.{layer}.hook_mlp_out",
@@ -77,9 +80,14 @@ class CrossLayerTranscoder(Transcoders):
         _lazy_device: str | torch.device = "cpu",
         _lazy_dtype: torch.dtype | None = None,
     ) -> None:
-        if activation not in ("relu", "jumprelu"):
+        if activation not in ACTIVATIONS:
             raise TranscoderConfigError(
-                f"activation must be 'relu' or 'jumprelu', got {activation!r}"
+                f"activation must be one of {ACTIVATIONS}, got {activation!r}"
+            )
+        if (activation == "topk") != (top_k is not None):
+            raise TranscoderConfigError(
+                f"top_k is given exactly for activation='topk' (got activation={activation!r}, "
+                f"top_k={top_k!r})"
             )
         if n_layers < 1 or d_model < 1 or d_sae < 1:
             raise TranscoderConfigError(
@@ -92,6 +100,7 @@ class CrossLayerTranscoder(Transcoders):
         self.d_model = d_model
         self.d_sae_per_layer = d_sae
         self.activation: Activation = activation
+        self.top_k = top_k
         self.skip = skip
         self.input_hook_template = input_hook
         self.output_hook_template = output_hook
@@ -181,6 +190,7 @@ class CrossLayerTranscoder(Transcoders):
             "d_model": self.d_model,
             "d_sae": self.d_sae_per_layer,
             "activation": self.activation,
+            "top_k": self.top_k,
             "skip": self.skip,
             "dtype": str(self.dtype).removeprefix("torch."),
             "input_hook": self.input_hook_template,
@@ -227,9 +237,9 @@ class CrossLayerTranscoder(Transcoders):
         missing_keys = [k for k in _REQUIRED_KEYS if k not in cfg]
         if missing_keys:
             raise TranscoderConfigError(f"{cfg_path}: missing keys {missing_keys}")
-        if cfg["activation"] not in ("relu", "jumprelu"):
+        if cfg["activation"] not in ACTIVATIONS:
             raise TranscoderConfigError(
-                f"{cfg_path}: activation must be 'relu' or 'jumprelu', got {cfg['activation']!r}"
+                f"{cfg_path}: activation must be one of {ACTIVATIONS}, got {cfg['activation']!r}"
             )
         for layer in range(cfg["n_layers"]):
             if not (root / _layer_file(layer)).is_file():
@@ -243,6 +253,7 @@ class CrossLayerTranscoder(Transcoders):
             d_model=cfg["d_model"],
             d_sae=cfg["d_sae"],
             activation=cfg["activation"],
+            top_k=cfg.get("top_k"),
             skip=cfg["skip"],
             input_hook=cfg["input_hook"],
             output_hook=cfg["output_hook"],
@@ -274,6 +285,7 @@ class CrossLayerTranscoder(Transcoders):
             d_model=self.d_model,
             d_sae=self.d_sae_per_layer,
             activation=self.activation,
+            top_k=self.top_k,
             skip=self.skip,
             input_hook=self.input_hook_template,
             output_hook=self.output_hook_template,
@@ -291,7 +303,9 @@ class CrossLayerTranscoder(Transcoders):
 
     def encoder(self, layer: int) -> Encoder:
         t = self.layer_tensors(layer)
-        return Encoder(W_enc=t["W_enc"], b_enc=t["b_enc"], threshold=t.get("threshold"))
+        return Encoder(
+            W_enc=t["W_enc"], b_enc=t["b_enc"], threshold=t.get("threshold"), top_k=self.top_k
+        )
 
     def decoder(self, source_layer: int, target_layer: int) -> Tensor:
         if target_layer not in self.target_layers(source_layer):
@@ -324,5 +338,6 @@ class CrossLayerTranscoder(Transcoders):
     def __repr__(self) -> str:
         return (
             f"CrossLayerTranscoder(n_layers={self.n_layers}, d_model={self.d_model}, "
-            f"d_sae={self.d_sae_per_layer}, activation={self.activation!r}, skip={self.skip})"
+            f"d_sae={self.d_sae_per_layer}, activation={self.activation!r}, "
+            f"top_k={self.top_k}, skip={self.skip})"
         )

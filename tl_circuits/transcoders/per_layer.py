@@ -62,7 +62,7 @@ class TranscoderSet(Transcoders):
     release). ``saes[l]`` is the SAE-Lens object of layer ``l``.
     """
 
-    def __init__(self, saes: Sequence[Transcoder]) -> None:
+    def __init__(self, saes: Sequence[Transcoder], *, top_k: int | None = None) -> None:
         by_layer: dict[int, Transcoder] = {}
         for i, sae in enumerate(saes):
             if not isinstance(sae, Transcoder):
@@ -106,6 +106,7 @@ class TranscoderSet(Transcoders):
                 f"no transcoder for layer(s) {missing}; every layer up to {n_layers - 1} needs one"
             )
         self.saes: list[Transcoder] = [by_layer[layer] for layer in range(n_layers)]
+        self.top_k = top_k
         self.n_layers = n_layers
         self.d_model = self.saes[0].cfg.d_in
         folds = {_fold_ln_from_metadata(sae) for sae in self.saes} - {None}
@@ -119,6 +120,7 @@ class TranscoderSet(Transcoders):
                 W_enc=sae.W_enc.detach(),
                 b_enc=sae.b_enc.detach(),
                 threshold=sae.threshold.detach() if isinstance(sae, JumpReLUTranscoder) else None,
+                top_k=top_k,
             )
             for sae in self.saes
         ]
@@ -139,13 +141,20 @@ class TranscoderSet(Transcoders):
     # ---- constructors ----------------------------------------------------------------
 
     @classmethod
-    def from_saelens(cls, saes: Sequence[Transcoder]) -> TranscoderSet:
-        """A set from SAE-Lens transcoder objects, one per layer, in any order."""
-        return cls(saes)
+    def from_saelens(cls, saes: Sequence[Transcoder], *, top_k: int | None = None) -> TranscoderSet:
+        """A set from SAE-Lens transcoder objects, one per layer, in any order; ``top_k``:
+        TopK activations (the ``top_k`` largest pre-activations per position kept as they are,
+        :class:`~tl_circuits.transcoders.base.Encoder`) instead of the objects' own."""
+        return cls(saes, top_k=top_k)
 
     @classmethod
     def from_disk(
-        cls, paths: Sequence[str | Path], device: str = "cpu", dtype: str | None = None
+        cls,
+        paths: Sequence[str | Path],
+        device: str = "cpu",
+        dtype: str | None = None,
+        *,
+        top_k: int | None = None,
     ) -> TranscoderSet:
         """Load SAE-Lens transcoder directories with ``SAE.load_from_disk``."""
         saes = []
@@ -153,7 +162,7 @@ class TranscoderSet(Transcoders):
             if not (Path(path) / SAELENS_CFG).is_file():
                 raise FileNotFoundError(f"{path}: not an SAE-Lens directory (no {SAELENS_CFG})")
             saes.append(SAE.load_from_disk(path, device=device, dtype=dtype))
-        return cls(saes)
+        return cls(saes, top_k=top_k)
 
     @classmethod
     def from_pretrained(
@@ -182,8 +191,10 @@ class TranscoderSet(Transcoders):
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such transcoder-set directory")
         manifest = root / MANIFEST
+        top_k = None
         if manifest.is_file():
-            entries = json.loads(manifest.read_text())["layers"]
+            header = json.loads(manifest.read_text())
+            entries, top_k = header["layers"], header.get("top_k")
             dirs = [root / entry for entry in entries]
         else:
             dirs = sorted(p for p in root.iterdir() if (p / SAELENS_CFG).is_file())
@@ -191,7 +202,7 @@ class TranscoderSet(Transcoders):
                 raise FileNotFoundError(
                     f"{root}: neither a {MANIFEST} manifest nor SAE-Lens sub-directories"
                 )
-        return cls.from_disk(dirs, device=device, dtype=dtype)
+        return cls.from_disk(dirs, device=device, dtype=dtype, top_k=top_k)
 
     def save(self, path: str | Path) -> Path:
         """Write each layer with ``SAE.save_model`` to ``path/layer_{l}`` plus a manifest."""
@@ -204,7 +215,13 @@ class TranscoderSet(Transcoders):
             names.append(name)
         (root / MANIFEST).write_text(
             json.dumps(
-                {"format": "tl_circuits.transcoder_set", "version": 1, "layers": names}, indent=1
+                {
+                    "format": "tl_circuits.transcoder_set",
+                    "version": 1,
+                    "layers": names,
+                    "top_k": self.top_k,
+                },
+                indent=1,
             )
         )
         return root
@@ -218,7 +235,8 @@ class TranscoderSet(Transcoders):
         place, so the objects are deep-copied before they are moved).
         """
         return TranscoderSet(
-            [copy.deepcopy(sae).to(device=device, dtype=dtype) for sae in self.saes]
+            [copy.deepcopy(sae).to(device=device, dtype=dtype) for sae in self.saes],
+            top_k=self.top_k,
         )
 
     # ---- Transcoders interface ----------------------------------------------------------
@@ -260,7 +278,7 @@ class TranscoderSet(Transcoders):
         return (
             f"TranscoderSet(n_layers={self.n_layers}, d_model={self.d_model}, "
             f"d_sae={[self.d_sae(layer) for layer in range(self.n_layers)]}, "
-            f"classes={kinds})"
+            f"classes={kinds}" + (f", top_k={self.top_k})" if self.top_k else ")")
         )
 
 
