@@ -309,7 +309,6 @@ FRONTEND_SCHEMA = {
                 "transcoder_list",
                 "prompt_tokens",
                 "prompt",
-                "node_threshold",
                 "schema_version",
             ],
             "properties": {
@@ -318,7 +317,7 @@ FRONTEND_SCHEMA = {
                 "transcoder_list": {"type": "array", "items": {"type": "string"}},
                 "prompt_tokens": {"type": "array", "items": {"type": "string"}},
                 "prompt": {"type": "string"},
-                "node_threshold": {"type": ["number", "null"]},
+                "node_threshold": {"type": "number"},  # left out when not given
                 "schema_version": {"type": "integer"},
                 "info": {"type": "object"},
             },

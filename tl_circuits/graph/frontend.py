@@ -25,6 +25,18 @@ Our own data goes under ``json["extra"]["tl_circuits"]`` (other readers ignore i
 targets, the graph's ``info``, and the blocks analyses hand in (``blocks``):
 ``head_loadings`` and ``qk`` (``null`` unless given; written by
 :func:`tl_circuits.export.frontend.export_json`, which documents them).
+
+The output validates against Neuronpedia's published graph schema,
+``apps/webapp/app/api/graph/graph-schema.json`` of github.com/hijohnnylin/neuronpedia at
+commit ebb8426fc550ad5d1f76d52c271a624af3c08a57 (JSON Schema draft-07; Neuronpedia checks
+uploads with it). A copy is ``tests/data/neuronpedia-graph-schema.json``, applied by
+``tests/test_neuronpedia_schema.py``. That schema lets every object carry keys it does not
+name, which is how ``extra`` and circuit-tracer's own fields (``transcoder_list``,
+``schema_version``, ``token_prob``, ``is_target_logit``, ...) sit beside its fields. Its
+optional metadata numbers take no ``null``: ``metadata.node_threshold`` is written only when
+given, ``metadata.generation_settings.max_feature_nodes`` only when ``info`` records a
+feature budget, and ``metadata.pruning_settings`` (``node_threshold``, ``edge_threshold``)
+only for a pruned graph (``info["pruned"]``).
 """
 
 from __future__ import annotations
@@ -85,8 +97,9 @@ def frontend_json(
       one made from the prompt
     - ``scan``: the model / transcoder-set id Neuronpedia looks features up in; defaults
       to ``info["scan"]``, else ``info["model_name"]``, else ``"unknown"``
-    - ``node_threshold``: recorded in the metadata (the graph is exported as given; prune
-      first with :meth:`AttributionGraph.prune`)
+    - ``node_threshold``: recorded in the metadata, left out when not given (the viewer's
+      default influence threshold; the graph is exported as given: prune first with
+      :meth:`AttributionGraph.prune`)
     - ``prompt``: defaults to ``info["prompt"]``, else the joined token strings
     - ``influence``: per-node influence (length ``n_nodes``), written to ``node.influence``
     - ``clerps``: node labels by ``node_id`` (features default to ``""``)
@@ -160,16 +173,39 @@ def _metadata(
     if transcoder_list is None:
         tl = info.get("transcoder_list")
         transcoder_list = tl if isinstance(tl, list) and all(isinstance(x, str) for x in tl) else []
-    return {
+    metadata: dict[str, Any] = {
         "slug": slug,
         "scan": scan,
         "transcoder_list": list(transcoder_list),
         "prompt_tokens": [_display_token(s) for s in graph.token_strings],
         "prompt": prompt,
-        "node_threshold": None if node_threshold is None else float(node_threshold),
         "schema_version": FRONTEND_SCHEMA_VERSION,
         "info": {"generator": {"name": "tl_circuits", "version": __version__}},
     }
+    # optional numbers of the schema: left out when unknown (the schema has no null there)
+    if node_threshold is not None:
+        metadata["node_threshold"] = float(node_threshold)
+    budget = info.get("max_feature_nodes")
+    if _is_int(budget):
+        metadata["generation_settings"] = {"max_feature_nodes": int(budget)}
+    pruned = info.get("pruned")
+    if isinstance(pruned, Mapping):
+        settings = {
+            k: float(pruned[k])
+            for k in ("node_threshold", "edge_threshold")
+            if _is_number(pruned.get(k)) and math.isfinite(pruned[k])
+        }
+        if settings:
+            metadata["pruning_settings"] = settings
+    return metadata
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _extra_block(graph: AttributionGraph, ids: list[str], n_layers: int) -> dict[str, Any]:
