@@ -516,10 +516,10 @@ def test_clt_missing_cfg_key(clt_dir: Path) -> None:
 
 
 def test_clt_unknown_activation(clt_dir: Path) -> None:
-    edit_cfg(clt_dir, activation="topk")
+    edit_cfg(clt_dir, activation="gelu")
     with pytest.raises(
         TranscoderConfigError,
-        match=r"cfg\.json: activation must be 'relu' or 'jumprelu', got 'topk'",
+        match=r"cfg\.json: activation must be one of \('relu', 'jumprelu', 'topk'\), got 'gelu'",
     ):
         CrossLayerTranscoder.load(clt_dir)
 

@@ -202,7 +202,7 @@ def _check_memory(
         ctx.model.cfg.d_model,
         batch_size,
         ctx.n_layers,
-        ctx.embeddings.element_size(),
+        ctx.compute_dtype.itemsize,
         budgeted=not plan.full,
         stored_elements=stored,
     )
@@ -229,7 +229,7 @@ class _RowPasses:
         self.ctx, self.features = ctx, plan.columns.features
         width = max(batch_size, plan.n_targets)
         self.sink = ColumnSink(ctx, plan.columns, plan.n_cols, width)
-        dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+        dtype, device = ctx.compute_dtype, ctx.embeddings.device
         self.workspace = BackwardWorkspace(ctx.linear, width, ctx.n_pos, dtype, device)
 
     def feature_rows(self, rows: Tensor) -> Tensor:
@@ -240,7 +240,7 @@ class _RowPasses:
         for layer in layers.unique().tolist():
             in_layer = (layers == layer).nonzero(as_tuple=True)[0]
             idx = rows[in_layer]
-            w_enc = tcs.encoder(layer).W_enc[:, features.feature[idx]].T
+            w_enc = self.ctx.in_compute(tcs.encoder(layer).W_enc[:, features.feature[idx]].T)
             seeds[layer] = SparseSeeds(in_layer, features.pos[idx], w_enc)
         return self._run(seeds, None, len(rows), int(poss.max()) + 1)
 
@@ -248,7 +248,7 @@ class _RowPasses:
         """Rows of ``targets``."""
         ctx = self.ctx
         n_pos = max(t.pos for t in targets) + 1
-        dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+        dtype, device = ctx.compute_dtype, ctx.embeddings.device
         seed = torch.zeros(len(targets), n_pos, ctx.model.cfg.d_model, dtype=dtype, device=device)
         for i, t in enumerate(targets):
             seed[i, t.pos] = t.vector
@@ -278,7 +278,7 @@ def _all_feature_rows(
     features (all)."""
     ctx, n_cols, n_tgt = plan.ctx, plan.n_cols, plan.n_targets
     assert plan.groups is not None
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+    dtype, device = ctx.compute_dtype, ctx.embeddings.device
     adjacency = CausalAdjacency.from_groups(n_cols, plan.groups, dtype, device)
     adjacency.set_rows(torch.arange(n_cols - n_tgt, n_cols), passes.target_rows(plan.targets))
     progress.update(n_tgt)
@@ -300,7 +300,7 @@ def _budgeted_rows(
     (ascending)."""
     ctx, n_tgt, n_cols = plan.ctx, plan.n_targets, plan.n_cols
     n_feat, budget = plan.columns.n_features, plan.budget
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+    dtype, device = ctx.compute_dtype, ctx.embeddings.device
     rows = torch.zeros(n_tgt + budget, n_cols, dtype=dtype, device=device)
     rows[:n_tgt] = passes.target_rows(plan.targets)
     progress.update(n_tgt)
@@ -325,17 +325,18 @@ def _row_values(
     each target's value, and the parts of them due to constants (G1)."""
     ctx, features, n_tgt = plan.ctx, plan.columns.features, plan.n_targets
     n_nodes = len(selected) + plan.columns.n_cols - plan.columns.n_features + n_tgt
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+    dtype, device = ctx.compute_dtype, ctx.embeddings.device
     constants = torch.zeros(n_nodes, dtype=dtype, device=device)
     row_values = torch.zeros(n_nodes, dtype=dtype, device=device)
     layers, poss = features.layer[selected], features.pos[selected]
     feats = features.feature[selected]
     for layer in range(ctx.n_layers):
         mask = (layers == layer).nonzero(as_tuple=True)[0]
-        constants[mask] = zero_pres[layer][poss[mask], feats[mask]]
-        row_values[mask] = ctx.pre_activations[layer][poss[mask], feats[mask]]
-    constants[n_nodes - n_tgt :] = target_values(plan.targets, zero_final)
-    row_values[n_nodes - n_tgt :] = target_values(plan.targets, ctx.final_normalized)
+        constants[mask] = ctx.in_compute(zero_pres[layer][poss[mask], feats[mask]])
+        row_values[mask] = ctx.in_compute(ctx.pre_activations[layer][poss[mask], feats[mask]])
+    constants[n_nodes - n_tgt :] = target_values(plan.targets, ctx.in_compute(zero_final))
+    final = ctx.in_compute(ctx.final_normalized)
+    row_values[n_nodes - n_tgt :] = target_values(plan.targets, final)
     return row_values, constants
 
 
@@ -401,7 +402,8 @@ def _node_table(
     """Nodes: the selected features, every error, every token, the targets."""
     n_layers, n_pos = ctx.n_layers, ctx.n_pos
     feats = _feature_nodes(plan.columns.features, selected)
-    err_norm = torch.stack([ctx.errors[la].norm(dim=-1) for la in range(n_layers)]).reshape(-1)
+    errors = ctx.compute_errors
+    err_norm = torch.stack([errors[la].norm(dim=-1) for la in range(n_layers)]).reshape(-1)
     long = dict(dtype=torch.long)
     kind, layer, pos = _node_layout(plan.columns, selected, plan.targets)
     return NodeTable(
@@ -417,10 +419,10 @@ def _node_table(
         ),
         activation=torch.cat(
             [
-                feats.activation,
-                err_norm.to(feats.activation.dtype),
-                ctx.embeddings.norm(dim=-1).to(feats.activation.dtype),
-                target_vals.to(feats.activation.dtype),
+                ctx.in_compute(feats.activation),
+                err_norm,
+                ctx.compute_embeddings.norm(dim=-1),
+                target_vals,
             ]
         ),
     )

@@ -130,5 +130,6 @@ def _target_of(
 
 
 def target_values(targets: list[Target], final_normalized: Tensor) -> Tensor:
-    """Each target's value from the final norm's output ``[pos, d_model]``."""
-    return torch.stack([final_normalized[t.pos] @ t.vector + t.bias for t in targets])
+    """Each target's value from the final norm's output ``[pos, d_model]`` (in its dtype)."""
+    dtype = final_normalized.dtype
+    return torch.stack([final_normalized[t.pos] @ t.vector.to(dtype) + t.bias for t in targets])

@@ -65,6 +65,11 @@ def _is_pattern_hook(name: str) -> bool:
     return name.endswith("attn.hook_pattern")
 
 
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype analyses of a model in ``dtype`` compute in: float32 for 16-bit floats."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def validate_transcoders(model: HookedTransformer, transcoders: Transcoders) -> None:
     """Every check of transcoders against a model; raises a TLCircuitsError subclass.
 
@@ -240,6 +245,28 @@ class ReplacementContext:
         from tl_circuits.replacement.frozen import FrozenLinearModel
 
         return FrozenLinearModel(self)
+
+    @functools.cached_property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the linear analyses (edges, head loadings, QK terms, influence) compute
+        and accumulate in: float32 for a bfloat16 / float16 model (DESIGN.md §1, dtypes),
+        the model's own dtype otherwise. The clean run and the splice stay in the model's
+        dtype, so R1 holds bit for bit in any dtype."""
+        return compute_dtype_for(self.embeddings.dtype)
+
+    def in_compute(self, tensor: Tensor) -> Tensor:
+        """``tensor`` in :attr:`compute_dtype` (itself when it already is)."""
+        return tensor.to(self.compute_dtype)
+
+    @functools.cached_property
+    def compute_embeddings(self) -> Tensor:
+        """:attr:`embeddings` in :attr:`compute_dtype` ``[pos, d_model]``."""
+        return self.in_compute(self.embeddings)
+
+    @functools.cached_property
+    def compute_errors(self) -> list[Tensor]:
+        """:attr:`errors` in :attr:`compute_dtype` (per layer ``[pos, d_model]``)."""
+        return [self.in_compute(e) for e in self.errors]
 
     @property
     def n_layers(self) -> int:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from tl_circuits.replacement.context import ReplacementContext
 from tl_circuits.replacement.norms import (
+    FrozenNorm,
     Identity,
     LinearMap,
     frozen_norm,
@@ -203,40 +204,47 @@ class FrozenLinearModel:
         self.d_model = model.cfg.d_model
         self.parallel = bool(model.cfg.parallel_attn_mlp)
 
+        dtype = ctx.compute_dtype  # weights in the analyses' dtype (float32 for 16-bit)
+
         def scale(name: str) -> Tensor:
-            return ctx.frozen[name][0]  # [pos, 1]
+            return ctx.frozen[name][0].to(dtype)  # [pos, 1]
+
+        def frozen(module: torch.nn.Module, s: Tensor, with_weight: bool = True) -> FrozenNorm:
+            return frozen_norm(module, s, with_weight).to(dtype)
 
         blocks = []
         for layer, block in enumerate(model.blocks):
             prefix = f"blocks.{layer}."
-            ln1 = frozen_norm(block.ln1, scale(prefix + "ln1.hook_scale"))
+            ln1 = frozen(block.ln1, scale(prefix + "ln1.hook_scale"))
             post = (
-                frozen_norm(block.ln1_post, scale(prefix + "ln1_post.hook_scale"))
+                frozen(block.ln1_post, scale(prefix + "ln1_post.hook_scale"))
                 if hasattr(block, "ln1_post")
                 else Identity()
             )
             suffix = tcs.input_hook(layer).removeprefix(prefix)
+            skip = tcs.W_skip(layer)
             ln2_scale = scale(prefix + "ln2.hook_scale")
             if suffix == "mlp.hook_in":
-                mlp_in: LinearMap = frozen_norm(block.ln2, ln2_scale)
+                mlp_in: LinearMap = frozen(block.ln2, ln2_scale)
             elif suffix == "ln2.hook_normalized":
-                mlp_in = frozen_norm(block.ln2, ln2_scale, with_weight=False)
-            else:  # hook_resid_mid / hook_mlp_in: the residual stream itself
+                mlp_in = frozen(block.ln2, ln2_scale, with_weight=False)
+            else:  # hook_resid_mid / hook_mlp_in / hook_resid_pre (parallel): the residual itself
                 mlp_in = Identity()
             blocks.append(
                 FrozenBlock(
                     ln1=ln1,
                     post_attn=post,
-                    pattern=ctx.frozen[prefix + "attn.hook_pattern"][0],
-                    W_V=block.attn.W_V.detach(),
-                    W_O=block.attn.W_O.detach(),
+                    pattern=ctx.frozen[prefix + "attn.hook_pattern"][0].to(dtype),
+                    W_V=block.attn.W_V.detach().to(dtype),
+                    W_O=block.attn.W_O.detach().to(dtype),
                     mlp_in=mlp_in,
-                    W_skip=tcs.W_skip(layer),
+                    W_skip=None if skip is None else skip.to(dtype),
                     parallel=self.parallel,
                 )
             )
         self.blocks = blocks
-        self.ln_final = frozen_norm(model.ln_final, scale("ln_final.hook_scale"))
+        self.ln_final = frozen(model.ln_final, scale("ln_final.hook_scale"))
+        self.dtype = dtype
 
     def backward(
         self,

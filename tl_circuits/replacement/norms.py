@@ -29,6 +29,11 @@ class FrozenNorm:
     weight: Tensor | None
     centre: bool
 
+    def to(self, dtype: torch.dtype) -> FrozenNorm:
+        """The same norm with its scale and weight in ``dtype``."""
+        weight = None if self.weight is None else self.weight.to(dtype)
+        return FrozenNorm(self.scale.to(dtype), weight, self.centre)
+
     def adjoint(self, g: Tensor) -> Tensor:
         """Gradient on the input given ``g`` ``[B, pos, d]`` on the output."""
         if self.weight is not None:

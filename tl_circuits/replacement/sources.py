@@ -184,18 +184,18 @@ class SourceWrites:
 
     def vectors(self, slot: int, index: Tensor) -> Tensor:
         """``[len(index), d_model]``: what sources ``index`` (each writing at ``slot``)
-        write there, in the model's dtype and device."""
+        write there, in the context's compute dtype, on the model's device."""
         ctx = self.ctx
-        dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+        dtype, device = ctx.compute_dtype, ctx.embeddings.device
         index = index.cpu()
         pos = self.pos[index].to(device)
         if slot == 0:
-            return ctx.embeddings[pos]
+            return ctx.compute_embeddings[pos]
         w = slot - 1
         out = torch.empty(len(index), ctx.model.cfg.d_model, dtype=dtype, device=device)
         is_err = self.kind[index] == ERROR
         if bool(is_err.any()):
-            out[is_err.to(device)] = ctx.errors[w][pos[is_err.to(device)]]
+            out[is_err.to(device)] = ctx.compute_errors[w][pos[is_err.to(device)]]
         tcs = ctx.transcoders
         for la in self.layer[index[~is_err]].unique().tolist():
             mine = (~is_err & (self.layer[index] == la)).nonzero(as_tuple=True)[0]
@@ -227,7 +227,7 @@ class SourceWrites:
         """
         ctx = self.ctx
         n_pos, d_model = ctx.n_pos, ctx.model.cfg.d_model
-        dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+        dtype, device = ctx.compute_dtype, ctx.embeddings.device
         members, unit = members.cpu(), unit.cpu()
         embed: Tensor | None = None
         writes: dict[int, Tensor] = {}
@@ -273,8 +273,8 @@ class ColumnSink:
         self.ctx = ctx
         self.n_cols = n_cols
         self.n_features = columns.n_features
-        n_pos, dtype, device = ctx.n_pos, ctx.embeddings.dtype, ctx.embeddings.device
-        self.feature_ids = features.feature
+        n_pos, dtype, device = ctx.n_pos, ctx.compute_dtype, ctx.embeddings.device
+        self.feature_ids = features.feature.to(device)
         self.activation = features.activation.to(dtype)
         key = features.layer * n_pos + features.pos  # non-decreasing: features are sorted
         counts = torch.bincount(key, minlength=ctx.n_layers * n_pos)
@@ -307,16 +307,20 @@ class ColumnSink:
             if pos >= n_pos:  # the batch's rows end before pos: zero gradient there
                 continue
             dec = self.gathered[: c1 - c0]
-            torch.index_select(decoders.decoder(s, layer), 0, self.feature_ids[c0:c1], out=dec)
+            decoder = decoders.decoder(s, layer)
+            if decoder.dtype == dec.dtype:
+                torch.index_select(decoder, 0, self.feature_ids[c0:c1], out=dec)
+            else:  # a 16-bit dictionary: its rows, upcast to the compute dtype
+                dec.copy_(decoder.index_select(0, self.feature_ids[c0:c1]))
             self.edges[:, c0:c1].addmm_(grad[:, pos], dec.T)
-        self._dot_per_position(grad, self.ctx.errors[layer], self.error_cols[layer])
+        self._dot_per_position(grad, self.ctx.compute_errors[layer], self.error_cols[layer])
 
     def attn_out(self, layer: int, grad: Tensor) -> None:
         """No source writes at an attention output: nothing to read."""
 
     def embeddings(self, grad: Tensor) -> None:
         """Read the token columns off the gradient on the embeddings ``[B, pos, d]``."""
-        self._dot_per_position(grad, self.ctx.embeddings, self.token_col)
+        self._dot_per_position(grad, self.ctx.compute_embeddings, self.token_col)
 
     def _dot_per_position(self, grad: Tensor, values: Tensor, col: int) -> None:
         """``edges[:, col + p] = grad[:, p] · values[p]`` for every position ``p`` of grad."""

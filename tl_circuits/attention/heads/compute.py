@@ -48,7 +48,7 @@ def head_loading_fields(
     targets = torch.unique(edges[:, 0])
     read = _reading_layer(graph, targets, n_layers)
     targets = targets[torch.argsort(read, stable=True)]  # low targets stop their pass early
-    element = ctx.embeddings.element_size()
+    element = ctx.compute_dtype.itemsize
     per_target = (4 * n_layers + 2) * n_pos * d_model * element  # peak, during the pass
     per_unit = (n_layers + 2) * n_pos * d_model * element
     # most of the memory to the target side: each target batch forwards its sources again
@@ -184,7 +184,7 @@ class _Accumulators:
     @classmethod
     def zeros(cls, ctx: ReplacementContext, n: int, n_heads: int, split: bool) -> _Accumulators:
         n_layers = ctx.n_layers
-        like = dict(dtype=ctx.embeddings.dtype, device=ctx.embeddings.device)
+        like = dict(dtype=ctx.compute_dtype, device=ctx.embeddings.device)
         slots = n_layers + 1
         return cls(
             torch.zeros(n, n_layers, n_heads, **like),
@@ -212,7 +212,7 @@ def _target_side(
     gradient a loading needs (``bypass`` gradient: module docstring of
     :mod:`~tl_circuits.attention.heads.loadings`)."""
     nodes = graph.nodes
-    dtype, device = ctx.embeddings.dtype, ctx.embeddings.device
+    dtype, device = ctx.compute_dtype, ctx.embeddings.device
     batch, n_pos, d_model = len(rows), ctx.n_pos, lin.d_model
     first_target = int(graph.indices("target")[0]) if graph.nodes.count("target") else 0
     seeds: dict[int, Tensor] = {}

@@ -44,6 +44,7 @@ from tl_circuits.attention.qk.graph_basis import Method, graph_basis
 from tl_circuits.errors import QKError, UnsupportedArchitectureError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.model.prompt import Prompt, to_tokens
+from tl_circuits.replacement.context import compute_dtype_for
 from tl_circuits.replacement.norms import FrozenNorm, frozen_norm
 
 __all__ = ["BIAS", "EXCLUDED", "ComponentTable", "QKBasis"]
@@ -144,7 +145,8 @@ class QKBasis(BasisParts):
         finish: bool = True,
         show_progress: bool = False,
     ) -> Tensor:
-        """Query (``side="q"``) or key vectors of component ``rows`` at ``positions``.
+        """Query (``side="q"``) or key vectors of component ``rows`` at ``positions``, in
+        float32 for a 16-bit model (the model's dtype otherwise).
 
         Returns ``[len(rows), len(positions), d_head]``: ln1 (frozen scale) and ``W_Q[head]``
         / ``W_K[head]``; the bias row also gets ``ln1.b @ W`` and ``b_Q`` / ``b_K``. With
@@ -175,7 +177,9 @@ class QKBasis(BasisParts):
         reader = side_head(cfg, head, side)
         # TransformerLens expands W_K / b_K to every query head under GQA: index by ``head``
         W = (attn.W_Q if side == "q" else attn.W_K)[head].detach()  # [d_model, d_head]
-        b = (attn.b_Q if side == "q" else attn.b_K)[head].detach()
+        dtype = compute_dtype_for(W.dtype)  # float32 for a 16-bit model
+        W = W.to(dtype)
+        b = (attn.b_Q if side == "q" else attn.b_K)[head].detach().to(dtype)
         is_bias = rows == len(self.table) - 1
         vec = None
         if self.reverse is not None:
@@ -185,26 +189,26 @@ class QKBasis(BasisParts):
         elif is_bias.any():  # the reverse passes leave the bias row to the residual
             vec[is_bias] = self._project_residual(rows[is_bias], positions, W)
         ln_bias = getattr(block.ln1, "b", None)
-        bias = b if ln_bias is None else ln_bias.detach() @ W + b
+        bias = b if ln_bias is None else ln_bias.detach().to(dtype) @ W + b
         vec[is_bias] = vec[is_bias] + bias
         if not finish:
             return vec
         if cfg.use_qk_norm:
             norm = attn.q_norm if side == "q" else attn.k_norm
-            scale = self.frozen[f"{side}_norm"][pos, reader]  # [P]
-            vec = vec / scale[None, :, None] * norm.w.detach()
+            scale = self.frozen[f"{side}_norm"][pos, reader].to(dtype)  # [P]
+            vec = vec / scale[None, :, None] * norm.w.detach().to(dtype)
         if cfg.positional_embedding_type == "rotary":
             vec = _rotary(attn, vec, pos)
         return vec
 
     def _project_residual(self, rows: Tensor, positions: Sequence[int], W: Tensor) -> Tensor:
         """``ln1(x) @ W`` (frozen scale, no bias) of the contributions ``x`` of ``rows``."""
-        resid = self.contributions(rows, positions)  # [n, P, d_model]
+        resid = self.contributions(rows, positions).to(W.dtype)  # [n, P, d_model]
         if "ln1" in self.frozen:
             pos = torch.as_tensor(list(positions), dtype=torch.long)
             ln1: FrozenNorm = frozen_norm(
                 self.model.blocks[self.layer].ln1, self.frozen["ln1"][pos]
-            )
+            ).to(W.dtype)
             resid = ln1.forward_linear(resid)
         return resid @ W
 

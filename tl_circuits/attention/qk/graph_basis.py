@@ -64,7 +64,7 @@ def graph_basis(graph: AttributionGraph, layer: int, method: Method) -> BasisPar
     def bias() -> Tensor:
         """``[pos, d_model]``: ``resid_pre(layer)`` with every node zero (the constants)."""
         name = f"blocks.{layer}.hook_resid_pre"
-        return ctx.run_zero_nodes(capture=(name,))[1][name][0]
+        return ctx.in_compute(ctx.run_zero_nodes(capture=(name,))[1][name][0])
 
     def check_rows(r: Tensor) -> None:
         s = slot[r]
@@ -164,7 +164,7 @@ def forward_table(
     order = torch.argsort(first_slot * (n_pos + 1) + first_pos, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n_units)
-    out = torch.zeros(n_units + 1, n_pos, d_model, dtype=ctx.embeddings.dtype)
+    out = torch.zeros(n_units + 1, n_pos, d_model, dtype=ctx.compute_dtype)
     for begin in range(0, n_units, PROPAGATE_CHUNK):
         chunk = order[begin : begin + PROPAGATE_CHUNK]
         members = ((rank[unit] >= begin) & (rank[unit] < begin + len(chunk))).nonzero()[:, 0]

@@ -75,7 +75,7 @@ class ReverseHeadVectors:
         self.ctx, self.columns, self.layer = ctx, columns, layer
         self.model = ctx.model
         self.ln1_scale = ln1_scale  # [pos, 1] or None (no normalisation)
-        self.dtype, self.device = ctx.embeddings.dtype, ctx.embeddings.device
+        self.dtype, self.device = ctx.compute_dtype, ctx.embeddings.device
         self.method, self.n_forward_rows, self.forward_built = method, n_forward_rows, forward_built
         self.seeds_run = 0
         self.check_rows = check_rows
@@ -98,7 +98,7 @@ class ReverseHeadVectors:
             return rows.clone()
         pos = torch.as_tensor(list(positions), dtype=torch.long, device=self.ln1_scale.device)
         scale = self.ln1_scale[pos][:, None, :]  # [P, 1, 1]
-        norm = frozen_norm(block.ln1, scale)
+        norm = frozen_norm(block.ln1, scale).to(self.dtype)
         return norm.adjoint(rows)
 
     def _run(
