@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from tl_circuits.graph.nodes import (
     Target,
 )
 from tl_circuits.graph.targets import resolve_targets, target_values
+from tl_circuits.model.devices import available_memory_bytes
 from tl_circuits.model.prompt import Prompt
 from tl_circuits.replacement.context import FeatureTable, ReplacementContext
 from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds
@@ -96,7 +96,7 @@ def build_graph(
     ``max_feature_nodes``: keep at most this many feature nodes, chosen by influence on the
     targets computed as rows arrive; the others are listed in ``graph.excluded``.
     ``batch_size``: rows per reverse pass. ``memory_limit_bytes``: refuse when the estimate
-    exceeds it (default: the available system memory).
+    exceeds it (default: the free memory of the model's device, host RAM or CUDA).
 
     Phases: plan (replacement context, targets, columns) -> check memory -> constants
     (zero-node pass) -> rows (reverse passes; all features, or chosen by influence under a
@@ -192,7 +192,7 @@ def _check_memory(
     plan: _Plan, batch_size: int, memory_limit_bytes: int | None, max_feature_nodes: int | None
 ) -> tuple[int, int]:
     """``(estimated bytes, limit)``; raises when the estimate exceeds the limit (default:
-    the available system memory)."""
+    the free memory of the model's device: host RAM, or the CUDA device's own)."""
     ctx = plan.ctx
     stored = None if plan.groups is None else sum(len(r) * len(c) for r, c in plan.groups)
     need = estimate_memory_bytes(
@@ -207,7 +207,9 @@ def _check_memory(
         stored_elements=stored,
     )
     limit = (
-        memory_limit_bytes if memory_limit_bytes is not None else psutil.virtual_memory().available
+        memory_limit_bytes
+        if memory_limit_bytes is not None
+        else available_memory_bytes(ctx.embeddings.device)
     )
     if need > limit:
         raise TLCircuitsError(

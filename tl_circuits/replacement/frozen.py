@@ -51,6 +51,10 @@ class SparseSeeds:
     pos: Tensor  # [n]
     vector: Tensor  # [n, d_model]
 
+    def __post_init__(self) -> None:  # indices where the vectors are (no host round trips)
+        object.__setattr__(self, "row", self.row.to(self.vector.device))
+        object.__setattr__(self, "pos", self.pos.to(self.vector.device))
+
     def add_to_(self, g: Tensor) -> None:
         """Add the seeds to a position-major ``g`` ``[pos, B, d_model]``."""
         g.index_put_((self.pos, self.row), self.vector, accumulate=True)

@@ -53,7 +53,13 @@ class SourceColumns:
 
     @classmethod
     def of(cls, ctx: ReplacementContext) -> SourceColumns:
-        return cls(ctx.active_features(), ctx.n_layers, ctx.n_pos)
+        """The columns of ``ctx``'s prompt; the feature table is kept on the host (it is
+        index bookkeeping; data tensors stay on the model's device)."""
+        f = ctx.active_features()
+        host = FeatureTable(
+            f.layer.cpu(), f.pos.cpu(), f.feature.cpu(), f.activation.cpu(), f.pre_activation.cpu()
+        )
+        return cls(host, ctx.n_layers, ctx.n_pos)
 
     @property
     def n_features(self) -> int:
@@ -275,7 +281,7 @@ class ColumnSink:
         self.n_features = columns.n_features
         n_pos, dtype, device = ctx.n_pos, ctx.compute_dtype, ctx.embeddings.device
         self.feature_ids = features.feature.to(device)
-        self.activation = features.activation.to(dtype)
+        self.activation = features.activation.to(device, dtype)
         key = features.layer * n_pos + features.pos  # non-decreasing: features are sorted
         counts = torch.bincount(key, minlength=ctx.n_layers * n_pos)
         ends = torch.cumsum(counts, 0)

@@ -59,7 +59,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
 import torch
 from torch import Tensor
 
@@ -67,6 +66,7 @@ from tl_circuits.attention.heads.compute import head_loading_fields
 from tl_circuits.errors import HeadLoadingError
 from tl_circuits.graph.context import graph_context
 from tl_circuits.graph.nodes import FEATURE, KINDS, TARGET
+from tl_circuits.model.devices import available_memory_bytes
 from tl_circuits.storage import read_safetensors, write_safetensors
 from tl_circuits.typing import Bool, Float, Int, typechecked
 
@@ -145,7 +145,8 @@ class HeadLoadings:
 
         Cost: one reverse pass per distinct target row and one forward pass per distinct
         source per batch of targets, then one contraction per (edge, crossed layer).
-        ``memory_bytes`` (default: 4 GiB or half the available memory, whichever is less)
+        ``memory_bytes`` (default: 4 GiB or half the free memory of the model's device, host
+        RAM or CUDA, whichever is less)
         bounds the recorded gradients and forward contributions held at once (it sets the
         batch sizes unless ``target_batch`` / ``source_batch`` cap them);
         ``edge_chunk``: edges per gathered contraction.
@@ -160,9 +161,10 @@ class HeadLoadings:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise HeadLoadingError(f"{name} must be a positive integer, got {value!r}")
-        if memory_bytes is None:
-            memory_bytes = min(4 * 2**30, psutil.virtual_memory().available // 2)
         ctx = graph_context(graph, model, transcoders, error=HeadLoadingError)
+        if memory_bytes is None:
+            free = available_memory_bytes(ctx.embeddings.device)
+            memory_bytes = min(4 * 2**30, free // 2)
         edge_index = _edge_list(graph, edges)
         with torch.no_grad():
             fields = head_loading_fields(

@@ -69,11 +69,13 @@ def sae_basis(model: HookedTransformer, tokens: Tensor, sae: Any, layer: int) ->
         [("sae_feature", layer, -1, f, f"SAE F{f}") for f in features.tolist()]
         + [("sae_error", layer, -1, -1, "SAE error"), ("bias", -1, -1, -1, "b_dec")]
     )
-    decoder = torch.cat([W_dec[features], torch.zeros(2, x.shape[1], dtype=dtype)])
+    decoder = torch.cat(
+        [W_dec[features], torch.zeros(2, x.shape[1], dtype=dtype, device=W_dec.device)]
+    )
 
     def contributions(rows: Tensor, positions: Sequence[int]) -> Tensor:
         pos = list(positions)
-        scale = torch.zeros(len(rows), len(pos), dtype=dtype)
+        scale = torch.zeros(len(rows), len(pos), dtype=dtype, device=decoder.device)
         is_f = rows < n_f
         scale[is_f] = feat_acts[pos][:, rows[is_f]].T
         out = scale[:, :, None] * decoder[rows][:, None, :]

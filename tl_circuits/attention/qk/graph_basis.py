@@ -164,7 +164,9 @@ def forward_table(
     order = torch.argsort(first_slot * (n_pos + 1) + first_pos, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n_units)
-    out = torch.zeros(n_units + 1, n_pos, d_model, dtype=ctx.compute_dtype)
+    out = torch.zeros(
+        n_units + 1, n_pos, d_model, dtype=ctx.compute_dtype, device=ctx.embeddings.device
+    )
     for begin in range(0, n_units, PROPAGATE_CHUNK):
         chunk = order[begin : begin + PROPAGATE_CHUNK]
         members = ((rank[unit] >= begin) & (rank[unit] < begin + len(chunk))).nonzero()[:, 0]
@@ -175,6 +177,6 @@ def forward_table(
         res = ctx.linear.forward_residuals(
             writes=writes, embed=embed, start=start, stop=layer, first_pos=f
         )[layer]
-        out[chunk, f:] = res.to(out.device)
+        out[chunk.to(out.device), f:] = res
     out[-1] = bias
     return out
