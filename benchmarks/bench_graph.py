@@ -230,7 +230,9 @@ class _FakeTokenizer:
         return " ".join(f"<{i}>" for i in (ids if isinstance(ids, list) else [ids]))
 
 
-def circuit_tracer_model(ct: dict, model: HookedTransformer, saes: list) -> Any:
+def circuit_tracer_model(
+    ct: dict, model: HookedTransformer, saes: list, device: str | torch.device = "cpu"
+) -> Any:
     """circuit-tracer's TransformerLens replacement model with our weights and transcoders.
 
     Each SAE-Lens JumpReLU transcoder maps to a ``SingleLayerTranscoder``: W_enc is stored
@@ -245,8 +247,8 @@ def circuit_tracer_model(ct: dict, model: HookedTransformer, saes: list) -> Any:
             d_transcoder=sae.cfg.d_sae,
             activation_function=ct["JumpReLU"](sae.threshold.detach().clone(), 0.1),
             layer_idx=layer,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
+            device=torch.device(device),
+            dtype=sae.W_enc.dtype,
         )
         with torch.no_grad():
             tc.W_enc.copy_(sae.W_enc.T)
