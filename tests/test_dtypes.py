@@ -1,7 +1,7 @@
 """16-bit models and dictionaries (DESIGN.md §1, dtypes): the clean run and the splice stay
 in the model's dtype (R1 bit for bit), every analysis computes and accumulates in float32.
 
-Stated tolerances (docs/dtypes section of docs/DESIGN.md's companion, docs/dictionaries.md):
+Stated tolerances (docs/dtypes_and_devices.md):
 bfloat16 5e-2, float16 1e-2, relative, for what compares a float32 sum with a value the
 16-bit clean run computed (G1 against the row's input mass, Q1 against the largest score)
 and for a 16-bit build's edges against a float32 build of the same weights (Frobenius, on
