@@ -1,4 +1,4 @@
-"""Shared fixtures: random-weight models of five families and transcoders of every class.
+"""Shared fixtures: random-weight models of six families and transcoders of every class.
 
 Models are cached per (family, fold_ln) for the session; tests must not modify them.
 """
@@ -28,14 +28,19 @@ def cached_model(family: str, fold_ln: bool = False, dtype: torch.dtype = torch.
 
 @functools.cache
 def cached_transcoders(
-    family: str, kind: str, fold_ln: bool = False, dtype: torch.dtype = torch.float32
+    family: str,
+    kind: str,
+    fold_ln: bool = False,
+    dtype: torch.dtype = torch.float32,
+    input_hook: str = "mlp.hook_in",
 ):
+    """Random transcoders of ``kind`` reading ``blocks.{l}.{input_hook}``."""
     model = cached_model(family, fold_ln, dtype)
     if kind == "clt":
-        return random_clt(model)
+        return random_clt(model, input_hook=input_hook)
     if kind == "clt_topk":
-        return random_clt(model, activation="topk")
-    return random_transcoders(model, kind)  # type: ignore[arg-type]
+        return random_clt(model, activation="topk", input_hook=input_hook)
+    return random_transcoders(model, kind, input_hook=input_hook)  # type: ignore[arg-type]
 
 
 def prompt_tokens(n: int = 12, seed: int = 3, d_vocab: int = 50) -> torch.Tensor:

@@ -46,25 +46,34 @@ def _row_outputs(graph: AttributionGraph, rec) -> torch.Tensor:
     return torch.cat([pres, target_values(graph.targets, rec.final_normalized[0])])
 
 
+def check_g1(graph: AttributionGraph) -> None:
+    """G1: every row's input edges plus its constant equal its value (float64 graphs)."""
+    rows = _rows(graph)
+    total = graph.adjacency[rows].sum(1) + graph.constants[rows]
+    torch.testing.assert_close(total, graph.row_values[rows], rtol=1e-10, atol=1e-10)
+    # error and token nodes have no incoming edges
+    others = torch.cat([graph.indices("error"), graph.indices("token")])
+    assert not graph.adjacency[others].any()
+    # and the edges are not trivially zero
+    assert graph.adjacency[graph.indices("target")].abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_g1_inputs_complete(family: str, kind: str) -> None:
     for targets in (None, _custom_targets(family)):
-        graph = _graph(family, kind, targets)
-        rows = _rows(graph)
-        total = graph.adjacency[rows].sum(1) + graph.constants[rows]
-        torch.testing.assert_close(total, graph.row_values[rows], rtol=1e-10, atol=1e-10)
-        # error and token nodes have no incoming edges
-        others = torch.cat([graph.indices("error"), graph.indices("token")])
-        assert not graph.adjacency[others].any()
-        # and the edges are not trivially zero
-        assert graph.adjacency[graph.indices("target")].abs().sum() > 0
+        check_g1(_graph(family, kind, targets))
 
 
 @pytest.mark.parametrize("kind", ["relu", "skip", "jumprelu_skip", "topk", "clt", "clt_topk"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_g2_interventions_agree(family: str, kind: str) -> None:
-    graph = _graph(family, kind, _custom_targets(family))
+    check_g2(_graph(family, kind, _custom_targets(family)), (family, kind))
+
+
+def check_g2(graph: AttributionGraph, label: tuple = ()) -> None:
+    """G2: scaling sampled feature, error and token sources by ``1 + eps`` in the frozen
+    model moves every row by ``eps`` times its edge."""
     ctx = graph.context
     assert ctx is not None
     nodes, rows = graph.nodes, _rows(graph)
@@ -94,7 +103,7 @@ def test_g2_interventions_agree(family: str, kind: str) -> None:
         measured = _row_outputs(graph, rec) - base
         predicted = eps * graph.adjacency[rows, s]
         scale = predicted.abs().max().clamp_min(1e-12)
-        assert (measured - predicted).abs().max() <= 1e-4 * scale, (family, kind, s)
+        assert (measured - predicted).abs().max() <= 1e-4 * scale, (*label, s)
 
 
 def test_default_targets_cover_probability() -> None:

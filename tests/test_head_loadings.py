@@ -99,8 +99,14 @@ def _check_h1(hl: HeadLoadings, rtol: float = 1e-5) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_h1_split_sums_to_edge(family: str, kind: str) -> None:
-    graph = _graph(family, kind)
-    parallel = bool(cached_model(family, False, F64).cfg.parallel_attn_mlp)
+    check_h1_graph(_graph(family, kind), multi_write=kind == "clt")
+
+
+def check_h1_graph(graph: AttributionGraph, multi_write: bool) -> None:
+    """H1 on sampled edges of ``graph`` and on all of its edges; ``multi_write``: feature
+    sources write at several layers (a CLT)."""
+    assert graph.context is not None
+    parallel = bool(graph.context.model.cfg.parallel_attn_mlp)
     edges = _sample_edges(graph)
     hl = HeadLoadings.compute(graph, edges, split_write_layers=True)
     assert torch.equal(hl.edges, edges)
@@ -120,7 +126,7 @@ def test_h1_split_sums_to_edge(family: str, kind: str) -> None:
     want = hl.values_by_write[:, :, None].expand_as(per_write)
     mask = hl.crossed[:, None, :].expand_as(per_write)
     torch.testing.assert_close(per_write[mask], want[mask], rtol=1e-8, atol=1e-12)
-    if kind == "clt":  # feature sources write at several layers
+    if multi_write:  # feature sources write at several layers
         feats = graph.nodes.kind[edges[:, 1]] == FEATURE
         assert ((hl.values_by_write[feats] != 0).sum(1) > 1).any()
     # all edges at once (dense contractions) agree with the sample (gathered ones)
@@ -180,7 +186,11 @@ def _hooked_edge(graph: AttributionGraph, t: int, s: int, zero: tuple[int, int] 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_h2_zeroing_a_head_removes_its_loading(family: str, kind: str) -> None:
-    graph = _graph(family, kind)
+    check_h2_graph(_graph(family, kind))
+
+
+def check_h2_graph(graph: AttributionGraph) -> None:
+    """H2 through the hooked replacement model on sampled edges and heads of ``graph``."""
     edges = _sample_edges(graph, per_class=2, seed=1)
     hl = HeadLoadings.compute(graph, edges)
     gen = torch.Generator().manual_seed(3)

@@ -1,4 +1,4 @@
-"""Invariant Q1 of DESIGN.md §4 on all five families and all three bases, views, bad inputs."""
+"""Invariant Q1 of DESIGN.md §4 on all six families and all three bases, views, bad inputs."""
 
 from __future__ import annotations
 
@@ -73,6 +73,14 @@ def reference_scores(
     return pre_cap, hooked
 
 
+def _unmasked(model: HookedTransformer, layer: int, query: int) -> torch.Tensor:
+    """Which keys ``0..query`` the query sees (all, or a local layer's window)."""
+    keys = torch.arange(query + 1)
+    if model.blocks[layer].attn.attn_type == "local":
+        return keys > query - model.cfg.window_size
+    return torch.ones(query + 1, dtype=torch.bool)
+
+
 def check_q1(qk: QKAttribution, model: HookedTransformer, cache: dict) -> None:
     """The dense terms sum to the model's scores (pre-cap; hook_attn_scores without a cap)."""
     pre_cap, hooked = reference_scores(model, cache, qk.layer, qk.head, qk.query_pos)
@@ -81,6 +89,10 @@ def check_q1(qk: QKAttribution, model: HookedTransformer, cache: dict) -> None:
     torch.testing.assert_close(qk.scores, pre_cap, rtol=1e-4, atol=1e-10)
     cap = model.cfg.attn_scores_soft_cap
     assert qk.soft_capped == bool(cap and cap > 0)
+    # unmasked entries only: a local (sliding-window) layer masks keys outside its window
+    seen = _unmasked(model, qk.layer, qk.query_pos)
+    assert torch.equal(torch.isfinite(hooked), seen)
+    total, hooked = total[seen], hooked[seen]
     if qk.soft_capped:  # the cap is applied after these scores
         torch.testing.assert_close(cap * torch.tanh(total / cap), hooked, rtol=1e-4, atol=1e-10)
     else:  # DESIGN Q1: hook_attn_scores itself

@@ -71,8 +71,10 @@ def test_q2_key_side(family: str) -> None:
     model = cached_model(family, False, F64)
     cfg = model.cfg
     basis = QKBasis.from_components(model, prompt_tokens(), LAYER)
-    group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
-    heads = list(range(group, 2 * group))  # every query head of key head 1
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    group = cfg.n_heads // n_kv
+    key_head = min(1, n_kv - 1)  # key head 1 (0 when there is a single key/value head)
+    heads = list(range(key_head * group, (key_head + 1) * group))  # its every query head
     kinds = basis.table.kind
     _check(basis, {kinds.index("head") + 2: 0.0, kinds.index("embed"): 3.0}, "k", heads)
     if group > 1:  # a shared key head cannot be changed for one of its query heads only

@@ -1,4 +1,4 @@
-"""Invariants R1 and R2 of DESIGN.md §1 on all five architecture families."""
+"""Invariants R1 and R2 of DESIGN.md §1 on all six architecture families."""
 
 from __future__ import annotations
 

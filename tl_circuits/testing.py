@@ -1,6 +1,6 @@
 """Random-weight models and transcoders for tests, benchmarks and examples.
 
-No download: models are built from ``HookedTransformerConfig`` for five architecture
+No download: models are built from ``HookedTransformerConfig`` for six architecture
 families and every parameter (biases and norm weights included) is randomised so no term
 of the maths is trivially zero. Transcoders are real SAE-Lens objects (or a
 :class:`CrossLayerTranscoder`) whose thresholds are calibrated on the model so a chosen
@@ -21,8 +21,8 @@ from tl_circuits.model.hooks import install_mlp_input_hooks
 from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
 from tl_circuits.transcoders.per_layer import SAELENS_CLASSES, TranscoderSet
 
-Family = Literal["gpt2", "llama", "qwen3", "gemma2", "pythia"]
-FAMILIES: tuple[Family, ...] = ("gpt2", "llama", "qwen3", "gemma2", "pythia")
+Family = Literal["gpt2", "llama", "qwen3", "gemma2", "gemma3", "pythia"]
+FAMILIES: tuple[Family, ...] = ("gpt2", "llama", "qwen3", "gemma2", "gemma3", "pythia")
 TranscoderKind = Literal["relu", "skip", "jumprelu", "jumprelu_skip", "topk"]
 #: the SAE-Lens classes, and TopK (a ReLU ``Transcoder`` whose set keeps the top k)
 TRANSCODER_KINDS: tuple[TranscoderKind, ...] = (
@@ -65,7 +65,27 @@ _FAMILY_CONFIG: dict[str, dict] = {
         use_normalization_before_and_after=True,
         attn_scores_soft_cap=50.0,
         output_logits_soft_cap=30.0,
+        use_local_attn=True,  # without it TransformerLens makes every layer global
         window_size=4,
+        final_rms=True,
+    ),
+    # per-head QK RMSNorm, sandwich norms, sliding-window local layers with a global one
+    # every third layer (``attn_types`` in random_model), separate rotary bases (and linear
+    # RoPE scaling on global layers only), one key/value head; no soft-caps. The sqrt(d_model)
+    # embedding scale of real Gemma is folded into W_E by TransformerLens's conversion.
+    "gemma3": dict(
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        n_key_value_heads=1,
+        use_qk_norm=True,
+        use_normalization_before_and_after=True,
+        use_local_attn=True,
+        window_size=4,
+        rotary_base=1_000_000,
+        rotary_base_local=10_000,
+        rotary_scaling_factor=8.0,
         final_rms=True,
     ),
     # parallel attention/MLP, partial rotary with non-adjacent (GPT-NeoX) pairing
@@ -104,6 +124,8 @@ def random_model(
         extra["rotary_dim"] = d_head // 2 if family == "pythia" else d_head
     if family == "gemma2":
         extra["attn_types"] = ["global" if i % 2 == 0 else "local" for i in range(n_layers)]
+    if family == "gemma3":
+        extra["attn_types"] = ["global" if i % 3 == 2 else "local" for i in range(n_layers)]
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
         d_model=d_model,

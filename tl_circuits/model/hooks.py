@@ -18,7 +18,18 @@ MLP_INPUT_HOOK = "mlp.hook_in"
 
 #: Transcoder input points we can express as a linear map of the residual stream (with
 #: frozen norm scales). Suffixes after ``blocks.{l}.``.
-SUPPORTED_INPUT_HOOKS = (MLP_INPUT_HOOK, "ln2.hook_normalized", "hook_resid_mid", "hook_mlp_in")
+SUPPORTED_INPUT_HOOKS = (
+    MLP_INPUT_HOOK,
+    "ln2.hook_normalized",
+    "hook_resid_mid",
+    "hook_mlp_in",
+    "hook_resid_pre",
+)
+#: Inputs only a parallel block's MLP reads (``parallel_attn_mlp=True``: the MLP reads
+#: ``resid_pre`` through ln2, so ``hook_resid_pre`` is its residual input, as
+#: ``hook_resid_mid`` is a sequential block's). In a sequential block the MLP reads
+#: ``resid_mid``: a transcoder on ``resid_pre`` would skip the attention.
+PARALLEL_ONLY_INPUT_HOOKS = ("hook_resid_pre",)
 #: The point whose value the reconstruction replaces (after ``ln2_post`` when present).
 SUPPORTED_OUTPUT_HOOK = "hook_mlp_out"
 
@@ -77,6 +88,18 @@ def _call_hook_in(module: torch.nn.Module, args: tuple) -> tuple:
     return (module.hook_in(args[0]), *args[1:])
 
 
+def check_input_hook_reads_mlp_input(model: HookedTransformer, layer: int, suffix: str) -> None:
+    """Raise HookError when ``blocks.{layer}.{suffix}`` is not on the path into layer
+    ``layer``'s MLP: ``hook_resid_pre`` in a sequential block (it is before the attention)."""
+    if suffix in PARALLEL_ONLY_INPUT_HOOKS and not model.cfg.parallel_attn_mlp:
+        raise HookError(
+            f"layer {layer}: input hook 'blocks.{layer}.{suffix}' is not the MLP's input in "
+            "this sequential block: it is before the attention, and the MLP reads the "
+            f"residual stream after it ('blocks.{layer}.hook_resid_mid'); it is a transcoder "
+            "input only in parallel blocks (parallel_attn_mlp=True)"
+        )
+
+
 def check_transcoder_hooks(
     model: HookedTransformer, input_hooks: list[str], output_hooks: list[str]
 ) -> None:
@@ -101,6 +124,7 @@ def check_transcoder_hooks(
                 f"layer {layer}: input hook {hin!r} is not supported; use one of "
                 + ", ".join(f"'blocks.{layer}.{s}'" for s in SUPPORTED_INPUT_HOOKS)
             )
+        check_input_hook_reads_mlp_input(model, layer, hin.removeprefix(f"blocks.{layer}."))
         for hook in (hin, hout):
             if hook not in model.hook_dict:
                 raise HookError(f"layer {layer}: hook {hook!r} does not exist on this model")

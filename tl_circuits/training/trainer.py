@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 
 from tl_circuits.model.hooks import (
     MLP_INPUT_HOOK,
+    check_input_hook_reads_mlp_input,
     check_supported_architecture,
     install_mlp_input_hooks,
     model_has_folded_ln,
@@ -158,6 +159,7 @@ def train_transcoders(
     if cfg.input_hook == MLP_INPUT_HOOK:
         install_mlp_input_hooks(model)
     layers = cfg.training_layers(model.cfg.n_layers)
+    check_input_hook_reads_mlp_input(model, layers[0], cfg.input_hook)
     device = select_device(cfg.device)
     root = Path(out_dir) if out_dir is not None else None
     if resume and root is None:
