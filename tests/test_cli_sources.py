@@ -64,10 +64,10 @@ def test_local_transcoder_folders_load(tmp_path) -> None:
     plt_dir, clt_dir = tmp_path / "plt", tmp_path / "clt"
     cached_transcoders("gpt2", "relu").save(plt_dir)
     cached_transcoders("gpt2", "clt").save(clt_dir)
-    assert isinstance(load_transcoders(str(plt_dir), 3), TranscoderSet)
-    assert isinstance(load_transcoders(str(clt_dir), 3), CrossLayerTranscoder)
+    assert isinstance(load_transcoders(str(plt_dir), n_layers=3), TranscoderSet)
+    assert isinstance(load_transcoders(str(clt_dir), n_layers=3), CrossLayerTranscoder)
     with pytest.raises(PretrainedError, match="not a directory and not an SAE-Lens release"):
-        load_transcoders(str(tmp_path / "nope"), 3)
+        load_transcoders(str(tmp_path / "nope"), n_layers=3)
 
 
 def test_unknown_model_and_missing_transcoders() -> None:

@@ -24,8 +24,10 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--transcoders",
         help="'per_layer' or 'cross_layer' for the default model; otherwise a local "
-        "directory (SAE-Lens transcoders, a TranscoderSet or a cross-layer transcoder) or an "
-        "SAE-Lens release name (e.g. gemma-scope-2b-pt-transcoders)",
+        "directory in any supported format (SAE-Lens, TranscoderSet, our CLT, circuit-tracer, "
+        "Gemma Scope 2), a Hugging Face repo id of a circuit-tracer-format repo "
+        "(owner/name[//subfolder][@revision], e.g. mntss/clt-gemma-2-2b-426k) or an SAE-Lens "
+        "release name (e.g. gemma-scope-2b-pt-transcoders); see docs/dictionaries.md",
     )
     group.add_argument(
         "--sae-id-template",

@@ -1,11 +1,12 @@
 """Where the CLI's model and transcoders come from, as a JSON-able record.
 
 A :class:`ModelSource` names a model and its transcoders: the embedded default (no
-network), or a TransformerLens model name with transcoders from a local directory
-(SAE-Lens per-layer directories, a :meth:`TranscoderSet.save` folder, or a cross-layer
-transcoder folder) or an SAE-Lens release (``SAE.from_pretrained``: the Hugging Face hub or
-its local cache). ``trace`` stores the record in the graph's ``info["source"]`` so that
-``heads`` and ``qk`` rebuild the same replacement model from a graph file.
+network), or a TransformerLens model name with transcoders from any source
+``load_transcoders`` reads: a local directory in any supported format, a Hugging Face repo
+id of a circuit-tracer-format repo (``owner/name[//subfolder][@revision]``), or an SAE-Lens
+release (the Hugging Face hub or its local cache); see docs/dictionaries.md. ``trace``
+stores the record in the graph's ``info["source"]`` so that ``heads`` and ``qk`` rebuild the
+same replacement model from a graph file.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ModelSource:
 
     - ``model``: ``"default"`` or a TransformerLens model name (``gemma-2-2b``)
     - ``transcoders``: for the default, ``"per_layer"`` or ``"cross_layer"``; otherwise a
-      local directory or an SAE-Lens release name
+      local directory, a Hugging Face repo id or an SAE-Lens release name
     - ``sae_id_template``: for a release, the SAE id of layer ``l`` as
       ``template.format(layer=l)`` (None: the release's ids if it has one per layer)
     - ``fold_ln``: load the model with LayerNorm folded (must match how the transcoders
@@ -78,7 +79,8 @@ def source_from_args(args: Any) -> ModelSource:
         elif transcoders is not None and transcoders not in DEFAULT_TRANSCODERS:
             raise SourceError(
                 f"--transcoders {transcoders!r} needs --model: only SAE-Lens releases name "
-                "their model (the default model takes 'per_layer' or 'cross_layer')"
+                "their model (folders and Hugging Face repos need --model; the default model "
+                "takes 'per_layer' or 'cross_layer')"
             )
         else:
             model = DEFAULT
@@ -109,8 +111,8 @@ def load_source(source: ModelSource) -> tuple[HookedTransformer, Transcoders]:
         return _load_default(source)
     if source.transcoders is None:
         raise SourceError(
-            f"model {source.model!r} needs --transcoders (a local directory or an SAE-Lens "
-            "release); only the embedded default model ships with its own"
+            f"model {source.model!r} needs --transcoders (a local directory, a Hugging Face "
+            "repo id or an SAE-Lens release); only the embedded default model ships with its own"
         )
     return load_pretrained(
         source.model,
@@ -137,6 +139,6 @@ def _load_default(source: ModelSource) -> tuple[HookedTransformer, Transcoders]:
             transcoders = transcoders.to(dtype=dtype)
     else:
         transcoders = load_transcoders(
-            kind, model.cfg.n_layers, device=source.device, dtype=source.dtype
+            kind, n_layers=model.cfg.n_layers, device=source.device, dtype=source.dtype
         )
     return model, transcoders

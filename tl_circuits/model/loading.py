@@ -16,7 +16,12 @@ from tl_circuits.errors import PretrainedError
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def torch_dtype(dtype: str) -> torch.dtype:

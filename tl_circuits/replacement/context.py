@@ -78,6 +78,7 @@ def validate_transcoders(model: HookedTransformer, transcoders: Transcoders) -> 
     ``fold_ln`` setting the transcoders were trained with matches the model's weights.
     """
     check_supported_architecture(model)
+    transcoders.check_model(model)
     cfg = model.cfg
     if transcoders.n_layers > cfg.n_layers:
         extra = cfg.n_layers

@@ -18,11 +18,15 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from tl_circuits.errors import NonFiniteError, TranscoderConfigError
+from tl_circuits.errors import HookError, NonFiniteError, TranscoderConfigError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 _LAYER_IN_HOOK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -100,6 +104,10 @@ class Transcoders(ABC):
     #: Whether the transcoders were trained on a model with ``fold_ln=True`` (True),
     #: unprocessed weights (False), or unknown (None).
     expects_folded_ln: bool | None
+    #: The reconstruction was trained on the MLP module's own output (circuit-tracer's
+    #: ``mlp.hook_out``): the same point as ``hook_mlp_out`` only in models without a norm
+    #: after the MLP; :meth:`check_model` refuses the others.
+    output_is_mlp_module_out: bool = False
 
     @abstractmethod
     def input_hook(self, layer: int) -> str:
@@ -138,6 +146,22 @@ class Transcoders(ABC):
     def device(self) -> torch.device: ...
 
     # ---- derived -------------------------------------------------------------------
+
+    def check_model(self, model: HookedTransformer) -> None:
+        """Model-dependent checks the hook names cannot express.
+
+        Raises HookError when the reconstruction is of the MLP module's own output
+        (``output_is_mlp_module_out``) but ``model`` applies a norm after its MLP
+        (``ln2_post``, e.g. Gemma 2 and 3): there ``hook_mlp_out`` is that norm's output, a
+        different point, and the splice would replace the wrong tensor.
+        """
+        if self.output_is_mlp_module_out and model.cfg.use_normalization_before_and_after:
+            raise HookError(
+                f"{self.output_hook(0)!r} stands for circuit-tracer's 'mlp.hook_out' (the MLP "
+                "module's output), but this model normalises the MLP output (ln2_post), so "
+                "'hook_mlp_out' is a different point; these transcoders cannot be spliced "
+                "into it exactly (use transcoders trained on 'hook_mlp_out')"
+            )
 
     def d_sae(self, layer: int) -> int:
         return self.encoder(layer).d_sae

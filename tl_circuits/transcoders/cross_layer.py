@@ -15,13 +15,20 @@ ours (see ``docs/clt_format.md``)::
 
 ``input_hook`` / ``output_hook`` are templates with ``{layer}``. One file per layer lets a
 large CLT load lazily: a layer's tensors are read the first time they are needed.
+
+Laziness is not tied to this layout: a CLT built with ``reader=`` (a :class:`LayerReader`,
+any callable ``layer -> {name: tensor}`` in this format's names and orientation) reads each
+layer through it on first use. :meth:`CrossLayerTranscoder.load` uses one for the files
+above; ``tl_circuits.transcoders.formats`` has readers for circuit-tracer's and Gemma Scope
+2's layouts.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -55,11 +62,47 @@ def _layer_file(layer: int) -> str:
     return f"layer_{layer}.safetensors"
 
 
+@runtime_checkable
+class LayerReader(Protocol):
+    """Reads one layer of a lazily loaded CLT: ``reader(layer)`` returns that layer's tensors
+    under this format's names and in its orientation (``W_enc [d_model, d_sae]``,
+    ``W_dec [d_sae, n_layers - layer, d_model]``, ``b_dec``, ``b_enc``, ``threshold``,
+    ``W_skip [d_out, d_in]``), on any device and in any dtype (the CLT converts them).
+    Raises FileNotFoundError / TranscoderConfigError naming the file on a bad layer.
+    ``describe(layer)`` names where the layer lives, for error messages."""
+
+    def __call__(self, layer: int) -> dict[str, Tensor]: ...
+
+    def describe(self, layer: int) -> str: ...
+
+
+class OwnLayoutReader:
+    """The :class:`LayerReader` of this module's format: ``root/layer_{l}.safetensors``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def describe(self, layer: int) -> str:
+        return str(self.root / _layer_file(layer))
+
+    def __call__(self, layer: int) -> dict[str, Tensor]:
+        path = self.root / _layer_file(layer)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: CLT layer file missing")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+
+
 class CrossLayerTranscoder(Transcoders):
     """A cross-layer transcoder over all ``n_layers`` blocks of a model.
 
-    Construct from tensors (``layers[l]`` a dict with the keys of the on-disk format) or
-    with :meth:`load`. ``W_dec[l]`` has shape ``[d_sae, n_layers - l, d_model]``.
+    Construct from tensors (``layers[l]`` a dict with the keys of the on-disk format), lazily
+    from a ``reader`` (``layers=None``; each layer read on first use, converted to
+    ``dtype`` on ``device``), or with :meth:`load`. ``W_dec[l]`` has shape
+    ``[d_sae, n_layers - l, d_model]``; ``dtype``/``device`` apply to a reader's layers
+    (tensors given directly keep theirs). ``output_is_mlp_module_out``: the decoders were
+    trained on the MLP module's own output (circuit-tracer's ``mlp.hook_out``), which is
+    ``hook_mlp_out`` only for models without a norm after the MLP (:meth:`check_model`).
     """
 
     def __init__(
@@ -76,9 +119,10 @@ class CrossLayerTranscoder(Transcoders):
         output_hook: str = "blocks.{layer}.hook_mlp_out",
         fold_ln: bool | None = None,
         model_name: str | None = None,
-        _lazy_root: Path | None = None,
-        _lazy_device: str | torch.device = "cpu",
-        _lazy_dtype: torch.dtype | None = None,
+        reader: LayerReader | Callable[[int], dict[str, Tensor]] | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        output_is_mlp_module_out: bool = False,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise TranscoderConfigError(
@@ -106,9 +150,12 @@ class CrossLayerTranscoder(Transcoders):
         self.output_hook_template = output_hook
         self.expects_folded_ln = fold_ln
         self.model_name = model_name
-        self._root = _lazy_root
-        self._lazy_device = torch.device(_lazy_device)
-        self._lazy_dtype = _lazy_dtype
+        self.output_is_mlp_module_out = output_is_mlp_module_out
+        if (layers is None) == (reader is None):
+            raise TranscoderConfigError(
+                "give exactly one of layers (tensors) and reader (lazy loading)"
+            )
+        self._reader = reader
         self._layers: list[dict[str, Tensor] | None] = (
             list(layers) if layers is not None else [None] * n_layers
         )
@@ -124,8 +171,9 @@ class CrossLayerTranscoder(Transcoders):
             self._dtype, self._device = first.dtype, first.device
             self.check_consistent()
         else:
-            self._dtype = _lazy_dtype if _lazy_dtype is not None else torch.float32
-            self._device = self._lazy_device
+            # a reader's layers are converted to these when read
+            self._dtype = dtype if dtype is not None else torch.float32
+            self._device = torch.device(device if device is not None else "cpu")
 
     # ---- tensors ---------------------------------------------------------------------
 
@@ -168,15 +216,14 @@ class CrossLayerTranscoder(Transcoders):
             raise IndexError(f"layer {layer} out of range [0, {self.n_layers})")
         tensors = self._layers[layer]
         if tensors is None:
-            assert self._root is not None
-            path = self._root / _layer_file(layer)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: CLT layer file missing")
-            with safe_open(str(path), framework="pt", device=str(self._lazy_device)) as f:
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-            if self._lazy_dtype is not None:
-                tensors = {k: v.to(self._lazy_dtype) for k, v in tensors.items()}
-            self._check_layer(layer, tensors, source=str(path))
+            assert self._reader is not None
+            describe = getattr(self._reader, "describe", None)
+            source = describe(layer) if callable(describe) else None
+            raw = self._reader(layer)
+            self._check_layer(layer, raw, source=source)
+            tensors = {
+                k: v.to(device=self._device, dtype=self._dtype).contiguous() for k, v in raw.items()
+            }
             self._layers[layer] = tensors
         return tensors
 
@@ -197,6 +244,7 @@ class CrossLayerTranscoder(Transcoders):
             "output_hook": self.output_hook_template,
             "fold_ln": self.expects_folded_ln,
             "model_name": self.model_name,
+            "output_is_mlp_module_out": self.output_is_mlp_module_out,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -259,9 +307,10 @@ class CrossLayerTranscoder(Transcoders):
             output_hook=cfg["output_hook"],
             fold_ln=cfg.get("fold_ln"),
             model_name=cfg.get("model_name"),
-            _lazy_root=root,
-            _lazy_device=device,
-            _lazy_dtype=dtype if dtype is not None else file_dtype,
+            reader=OwnLayoutReader(root),
+            dtype=dtype if dtype is not None else file_dtype,
+            device=device,
+            output_is_mlp_module_out=bool(cfg.get("output_is_mlp_module_out", False)),
         )
         if not lazy:
             for layer in range(clt.n_layers):
@@ -291,6 +340,7 @@ class CrossLayerTranscoder(Transcoders):
             output_hook=self.output_hook_template,
             fold_ln=self.expects_folded_ln,
             model_name=self.model_name,
+            output_is_mlp_module_out=self.output_is_mlp_module_out,
         )
 
     # ---- Transcoders interface -----------------------------------------------------

@@ -9,18 +9,25 @@ On disk a set is a directory of SAE-Lens directories (``layer_{l}/cfg.json`` +
 ``layer_{l}/sae_weights.safetensors``, written by ``SAE.save_model``) plus a manifest
 ``transcoder_set.json`` naming them; :meth:`TranscoderSet.load` also accepts a directory
 of SAE-Lens directories with no manifest.
+
+Formats that are not SAE-Lens's own (circuit-tracer's, Gemma Scope's) are turned into these
+same SAE-Lens objects by :func:`saelens_transcoder`. A set refuses SAEs whose metadata
+shows they are a cross-layer transcoder with summed decoders (module ``lossy``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens import SAE
+from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import (
     JumpReLUSkipTranscoder,
     JumpReLUSkipTranscoderConfig,
@@ -34,6 +41,7 @@ from sae_lens.saes.transcoder import (
 from torch import Tensor
 
 from tl_circuits.errors import TranscoderConfigError
+from tl_circuits.transcoders import lossy
 from tl_circuits.transcoders.base import Encoder, Transcoders, layer_of_hook
 
 MANIFEST = "transcoder_set.json"
@@ -45,6 +53,105 @@ SAELENS_CLASSES: dict[tuple[bool, bool], tuple[type[Transcoder], type[Transcoder
     (False, True): (JumpReLUTranscoder, JumpReLUTranscoderConfig),
     (True, True): (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
 }
+
+
+#: metadata key recording the output hook a foreign format named, when it is not
+#: ``hook_name_out`` itself (circuit-tracer's ``mlp.hook_out``)
+SOURCE_HOOK_OUT_KEY = "source_hook_name_out"
+
+
+def saelens_transcoder(
+    tensors: Mapping[str, Tensor],
+    *,
+    hook_name: str,
+    hook_name_out: str,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    model_name: str | None = None,
+    fold_ln: bool | None = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Transcoder:
+    """An SAE-Lens transcoder holding ``tensors`` (SAE-Lens names and orientation:
+    ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``b_enc``, ``b_dec``, optional
+    ``threshold`` (JumpReLU classes) and ``W_skip [d_out, d_in]`` (skip classes)), converted
+    to ``dtype`` on ``device``. Raises TranscoderConfigError for a tensor of the wrong shape."""
+    names = set(tensors)
+    unknown = names - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip"}
+    missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - names
+    if unknown or missing:
+        raise TranscoderConfigError(
+            f"{hook_name}: missing tensors {sorted(missing)}, unexpected {sorted(unknown)}"
+        )
+    d_in, d_sae = tensors["W_enc"].shape
+    d_out = tensors["W_dec"].shape[-1]
+    expected = {
+        "W_enc": (d_in, d_sae),
+        "W_dec": (d_sae, d_out),
+        "b_enc": (d_sae,),
+        "b_dec": (d_out,),
+        "threshold": (d_sae,),
+        "W_skip": (d_out, d_in),
+    }
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise TranscoderConfigError(
+                f"{hook_name}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
+            )
+    sae_cls, cfg_cls = SAELENS_CLASSES[("W_skip" in names, "threshold" in names)]
+    meta: dict[str, Any] = {"hook_name": hook_name, "hook_name_out": hook_name_out}
+    if model_name is not None:
+        meta["model_name"] = model_name
+    if fold_ln is not None:
+        meta["model_from_pretrained_kwargs"] = {"fold_ln": fold_ln}
+    meta.update(metadata or {})
+    cfg = cfg_cls(
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_out,
+        dtype=str(dtype).removeprefix("torch."),
+        device="meta",
+        apply_b_dec_to_input=False,
+        metadata=SAEMetadata(**meta),
+    )
+    with warnings.catch_warnings():  # SAE-Lens's advice on model_from_pretrained_kwargs
+        warnings.filterwarnings("ignore", message=r"(?s).*model_from_pretrained_kwargs")
+        sae = sae_cls(cfg)  # parameters on the meta device: no memory until assigned
+    sae.cfg.device = str(device)
+    state = {
+        name: t.detach().to(device=device, dtype=dtype).contiguous() for name, t in tensors.items()
+    }
+    sae.load_state_dict(state, assign=True)
+    return sae
+
+
+#: Gemma Scope 2's Hugging Face module names -> the TransformerLens hook at the same point
+HF_HOOKS = {
+    "pre_feedforward_layernorm.output": "mlp.hook_in",
+    "pre_feedforward_layernorm.input": "hook_resid_mid",
+    "post_feedforward_layernorm.output": "hook_mlp_out",
+}
+_HF_HOOK = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.(.+)$")
+
+
+def tl_hook_of_hf_hook(hf_hook: str) -> tuple[int, str] | None:
+    """``(layer, TransformerLens hook)`` at the Hugging Face point ``hf_hook``
+    (``model.layers.3.pre_feedforward_layernorm.output`` -> ``(3, "blocks.3.mlp.hook_in")``),
+    or None for a point without an exact TransformerLens equivalent here."""
+    match = _HF_HOOK.match(hf_hook or "")
+    if match is None or match.group(2) not in HF_HOOKS:
+        return None
+    layer = int(match.group(1))
+    return layer, f"blocks.{layer}.{HF_HOOKS[match.group(2)]}"
+
+
+def _exact_input_hook(sae: Transcoder) -> None:
+    """SAE-Lens's ``gemma_3`` loader names ``hook_mlp_in`` (the ``ln2`` input) for Gemma
+    Scope 2 transcoders, whose recorded Hugging Face input is the norm's *output*
+    (``pre_feedforward_layernorm.output``); use the TransformerLens hook at that point."""
+    meta = sae.cfg.metadata
+    found = tl_hook_of_hf_hook(meta.get("hf_hook_name") or "")
+    if found is not None and meta.hook_name != found[1] and meta.hook_name.endswith("hook_mlp_in"):
+        meta.hook_name = found[1]
 
 
 def _fold_ln_from_metadata(sae: Transcoder) -> bool | None:
@@ -72,6 +179,7 @@ class TranscoderSet(Transcoders):
                 )
             hook_in = sae.cfg.metadata.hook_name
             hook_out = sae.cfg.metadata.hook_name_out
+            lossy.check_metadata(sae.cfg.metadata, f"item {i} ({hook_in!r})")
             if not hook_in or not hook_out:
                 raise TranscoderConfigError(
                     f"item {i}: metadata must set hook_name and hook_name_out (got "
@@ -115,6 +223,10 @@ class TranscoderSet(Transcoders):
                 "the transcoders disagree on fold_ln (metadata.model_from_pretrained_kwargs)"
             )
         self.expects_folded_ln = folds.pop() if folds else None
+        self.output_is_mlp_module_out = any(
+            str(sae.cfg.metadata.get(SOURCE_HOOK_OUT_KEY) or "").endswith("mlp.hook_out")
+            for sae in self.saes
+        )
         self._encoders = [
             Encoder(
                 W_enc=sae.W_enc.detach(),
@@ -176,12 +288,17 @@ class TranscoderSet(Transcoders):
         """Load an SAE-Lens release with ``SAE.from_pretrained`` (needs the hub or a cache).
 
         ``sae_ids`` lists one id per layer; ``kwargs`` go to ``SAE.from_pretrained``
-        (e.g. ``converter=`` for a custom loader).
+        (e.g. ``converter=`` for a custom loader). A release that is a cross-layer
+        transcoder with summed decoders is refused before anything is downloaded; Gemma
+        Scope 2 transcoders get the input hook their recorded Hugging Face point names.
         """
+        lossy.check_release(release)
         saes = [
             SAE.from_pretrained(release, sae_id, device=device, dtype=dtype, **kwargs)
             for sae_id in sae_ids
         ]
+        for sae in saes:
+            _exact_input_hook(sae)
         return cls(saes)
 
     @classmethod
