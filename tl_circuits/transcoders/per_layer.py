@@ -161,6 +161,44 @@ def _fold_ln_from_metadata(sae: Transcoder) -> bool | None:
     return None
 
 
+def _checked_layer(i: int, sae: Transcoder, by_layer: Mapping[int, Transcoder]) -> int:
+    """The layer of item ``i`` of a set, after checking it is an SAE-Lens transcoder that a
+    set can splice (hooks in one block, a layer not yet in ``by_layer``, linear input)."""
+    if not isinstance(sae, Transcoder):
+        raise TranscoderConfigError(
+            f"item {i} is a {type(sae).__name__}, not an SAE-Lens transcoder "
+            "(Transcoder, SkipTranscoder, JumpReLUTranscoder or JumpReLUSkipTranscoder)"
+        )
+    hook_in = sae.cfg.metadata.hook_name
+    hook_out = sae.cfg.metadata.hook_name_out
+    lossy.check_metadata(sae.cfg.metadata, f"item {i} ({hook_in!r})")
+    if not hook_in or not hook_out:
+        raise TranscoderConfigError(
+            f"item {i}: metadata must set hook_name and hook_name_out (got "
+            f"{hook_in!r}, {hook_out!r})"
+        )
+    layer = layer_of_hook(hook_in)
+    if layer_of_hook(hook_out) != layer:
+        raise TranscoderConfigError(
+            f"item {i}: reads at layer {layer} ({hook_in!r}) but writes at layer "
+            f"{layer_of_hook(hook_out)} ({hook_out!r}); a per-layer transcoder must "
+            "read and write in the same block (use CrossLayerTranscoder otherwise)"
+        )
+    if layer in by_layer:
+        raise TranscoderConfigError(f"two transcoders for layer {layer} ({hook_in!r})")
+    if sae.cfg.normalize_activations != "none":
+        raise TranscoderConfigError(
+            f"layer {layer}: normalize_activations={sae.cfg.normalize_activations!r} "
+            "is not linear; fold the normalisation into the weights first"
+        )
+    if sae.cfg.reshape_activations != "none":
+        raise TranscoderConfigError(
+            f"layer {layer}: reshape_activations={sae.cfg.reshape_activations!r} "
+            "is not supported for MLP transcoders"
+        )
+    return layer
+
+
 class TranscoderSet(Transcoders):
     """One SAE-Lens transcoder per layer of the model, layer ``l`` replacing MLP ``l``.
 
@@ -172,38 +210,7 @@ class TranscoderSet(Transcoders):
     def __init__(self, saes: Sequence[Transcoder], *, top_k: int | None = None) -> None:
         by_layer: dict[int, Transcoder] = {}
         for i, sae in enumerate(saes):
-            if not isinstance(sae, Transcoder):
-                raise TranscoderConfigError(
-                    f"item {i} is a {type(sae).__name__}, not an SAE-Lens transcoder "
-                    "(Transcoder, SkipTranscoder, JumpReLUTranscoder or JumpReLUSkipTranscoder)"
-                )
-            hook_in = sae.cfg.metadata.hook_name
-            hook_out = sae.cfg.metadata.hook_name_out
-            lossy.check_metadata(sae.cfg.metadata, f"item {i} ({hook_in!r})")
-            if not hook_in or not hook_out:
-                raise TranscoderConfigError(
-                    f"item {i}: metadata must set hook_name and hook_name_out (got "
-                    f"{hook_in!r}, {hook_out!r})"
-                )
-            layer = layer_of_hook(hook_in)
-            if layer_of_hook(hook_out) != layer:
-                raise TranscoderConfigError(
-                    f"item {i}: reads at layer {layer} ({hook_in!r}) but writes at layer "
-                    f"{layer_of_hook(hook_out)} ({hook_out!r}); a per-layer transcoder must "
-                    "read and write in the same block (use CrossLayerTranscoder otherwise)"
-                )
-            if layer in by_layer:
-                raise TranscoderConfigError(f"two transcoders for layer {layer} ({hook_in!r})")
-            if sae.cfg.normalize_activations != "none":
-                raise TranscoderConfigError(
-                    f"layer {layer}: normalize_activations={sae.cfg.normalize_activations!r} "
-                    "is not linear; fold the normalisation into the weights first"
-                )
-            if sae.cfg.reshape_activations != "none":
-                raise TranscoderConfigError(
-                    f"layer {layer}: reshape_activations={sae.cfg.reshape_activations!r} "
-                    "is not supported for MLP transcoders"
-                )
+            layer = _checked_layer(i, sae, by_layer)
             by_layer[layer] = sae
         if not by_layer:
             raise TranscoderConfigError("a TranscoderSet needs at least one transcoder")
