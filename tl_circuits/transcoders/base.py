@@ -14,11 +14,13 @@ orientation ``[d_out, d_in]``.
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +31,34 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 _LAYER_IN_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; TranscoderConfigError naming the file when it is not
+    readable, not JSON, or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise TranscoderConfigError(f"{path}: not a readable JSON file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TranscoderConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_hook_template(template: object) -> str:
+    """A hook-name template with exactly one ``{layer}`` field and no other (a clear
+    TranscoderConfigError otherwise, e.g. for ``blocks.{0}.hook_mlp_out``)."""
+    if not isinstance(template, str):
+        raise TranscoderConfigError(f"hook template must be a string, got {template!r}")
+    try:
+        filled = template.format(layer=0)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise TranscoderConfigError(
+            f"hook template {template!r} must contain '{{layer}}' and no other field ({exc!r})"
+        ) from exc
+    if "{layer}" not in template or filled == template:
+        raise TranscoderConfigError(f"hook template {template!r} lacks '{{layer}}'")
+    return template
 
 
 def layer_of_hook(hook_name: str) -> int:

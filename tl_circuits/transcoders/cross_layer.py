@@ -31,12 +31,17 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_circuits.errors import TranscoderConfigError
-from tl_circuits.transcoders.base import Encoder, Transcoders
+from tl_circuits.storage import read_safetensors
+from tl_circuits.transcoders.base import (
+    Encoder,
+    Transcoders,
+    check_hook_template,
+    read_json_object,
+)
 
 CLT_FORMAT = "tl_circuits.clt"
 CLT_VERSION = 1
@@ -89,8 +94,7 @@ class OwnLayoutReader:
         path = self.root / _layer_file(layer)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: CLT layer file missing")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+        return read_safetensors(path, TranscoderConfigError)[0]
 
 
 class CrossLayerTranscoder(Transcoders):
@@ -138,8 +142,7 @@ class CrossLayerTranscoder(Transcoders):
                 f"n_layers, d_model, d_sae must be positive, got {n_layers}, {d_model}, {d_sae}"
             )
         for template in (input_hook, output_hook):
-            if "{layer}" not in template:
-                raise TranscoderConfigError(f"hook template {template!r} lacks '{{layer}}'")
+            check_hook_template(template)
         self.n_layers = n_layers
         self.d_model = d_model
         self.d_sae_per_layer = d_sae
@@ -272,7 +275,7 @@ class CrossLayerTranscoder(Transcoders):
         cfg_path = root / CFG_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{root}: not a CLT directory (no {CFG_FILE})")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json_object(cfg_path)
         if cfg.get("format") != CLT_FORMAT:
             raise TranscoderConfigError(
                 f"{cfg_path}: format is {cfg.get('format')!r}, expected {CLT_FORMAT!r}"
@@ -285,6 +288,17 @@ class CrossLayerTranscoder(Transcoders):
         missing_keys = [k for k in _REQUIRED_KEYS if k not in cfg]
         if missing_keys:
             raise TranscoderConfigError(f"{cfg_path}: missing keys {missing_keys}")
+        for key in ("n_layers", "d_model", "d_sae"):
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise TranscoderConfigError(f"{cfg_path}: {key} must be a positive integer")
+        for key in ("input_hook", "output_hook"):
+            try:
+                check_hook_template(cfg[key])
+            except TranscoderConfigError as exc:
+                raise TranscoderConfigError(f"{cfg_path}: {key}: {exc}") from exc
+        if not isinstance(cfg["skip"], bool) or not isinstance(cfg["dtype"], str):
+            raise TranscoderConfigError(f"{cfg_path}: skip must be a bool and dtype a string")
         if cfg["activation"] not in ACTIVATIONS:
             raise TranscoderConfigError(
                 f"{cfg_path}: activation must be one of {ACTIVATIONS}, got {cfg['activation']!r}"

@@ -42,9 +42,10 @@ from torch import Tensor
 
 from tl_circuits.errors import TranscoderConfigError
 from tl_circuits.transcoders import lossy
-from tl_circuits.transcoders.base import Encoder, Transcoders, layer_of_hook
+from tl_circuits.transcoders.base import Encoder, Transcoders, layer_of_hook, read_json_object
 
 MANIFEST = "transcoder_set.json"
+SET_FORMAT, SET_VERSION = "tl_circuits.transcoder_set", 1
 SAELENS_CFG = "cfg.json"
 #: SAE-Lens transcoder class and config class by (skip, jumprelu)
 SAELENS_CLASSES: dict[tuple[bool, bool], tuple[type[Transcoder], type[TranscoderConfig]]] = {
@@ -280,7 +281,7 @@ class TranscoderSet(Transcoders):
         for path in paths:
             if not (Path(path) / SAELENS_CFG).is_file():
                 raise FileNotFoundError(f"{path}: not an SAE-Lens directory (no {SAELENS_CFG})")
-            saes.append(SAE.load_from_disk(path, device=device, dtype=dtype))
+            saes.append(_load_saelens_dir(Path(path), device, dtype))
         return cls(saes, top_k=top_k)
 
     @classmethod
@@ -317,9 +318,7 @@ class TranscoderSet(Transcoders):
         manifest = root / MANIFEST
         top_k = None
         if manifest.is_file():
-            header = json.loads(manifest.read_text())
-            entries, top_k = header["layers"], header.get("top_k")
-            dirs = [root / entry for entry in entries]
+            dirs, top_k = _read_manifest(root, manifest)
         else:
             dirs = sorted(p for p in root.iterdir() if (p / SAELENS_CFG).is_file())
             if not dirs:
@@ -340,8 +339,8 @@ class TranscoderSet(Transcoders):
         (root / MANIFEST).write_text(
             json.dumps(
                 {
-                    "format": "tl_circuits.transcoder_set",
-                    "version": 1,
+                    "format": SET_FORMAT,
+                    "version": SET_VERSION,
                     "layers": names,
                     "top_k": self.top_k,
                 },
@@ -413,3 +412,45 @@ __all__ = [
     "Transcoder",
     "TranscoderSet",
 ]
+
+
+def _read_manifest(root: Path, manifest: Path) -> tuple[list[Path], int | None]:
+    """The layer folders and ``top_k`` a ``transcoder_set.json`` names, checked: our format
+    and version, a list of relative folder names that stay inside ``root``."""
+    header = read_json_object(manifest)
+    if header.get("format") != SET_FORMAT or header.get("version") != SET_VERSION:
+        raise TranscoderConfigError(
+            f"{manifest}: format {header.get('format')!r} version {header.get('version')!r} "
+            f"is not {SET_FORMAT!r} version {SET_VERSION}"
+        )
+    entries, top_k = header.get("layers"), header.get("top_k")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
+        raise TranscoderConfigError(
+            f"{manifest}: 'layers' must be a non-empty list of folder names"
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise TranscoderConfigError(f"{manifest}: 'top_k' must be an integer or null")
+    inside = root.resolve()
+    dirs = []
+    for entry in entries:
+        folder = (root / entry).resolve()
+        if Path(entry).is_absolute() or not folder.is_relative_to(inside) or folder == inside:
+            raise TranscoderConfigError(
+                f"{manifest}: layer folder {entry!r} is not inside {root} (a manifest names "
+                "folders of its own set only)"
+            )
+        dirs.append(root / entry)
+    return dirs, top_k
+
+
+def _load_saelens_dir(path: Path, device: str, dtype: str | None) -> Transcoder:
+    """``SAE.load_from_disk`` with its failures (bad JSON, unknown architecture, missing
+    keys, truncated weights) as TranscoderConfigError naming the folder."""
+    read_json_object(path / SAELENS_CFG)  # a clear error for a cfg.json that is not JSON
+    try:
+        sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+    except Exception as exc:  # SAE-Lens raises KeyError/ValueError/SafetensorError/...
+        raise TranscoderConfigError(
+            f"{path}: SAE-Lens cannot load this transcoder directory ({type(exc).__name__}: {exc})"
+        ) from exc
+    return sae

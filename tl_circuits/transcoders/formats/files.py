@@ -3,7 +3,6 @@ tensor and config files (safetensors, ``.npz``, JSON, YAML; nothing is unpickled
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from torch import Tensor
 from tl_circuits.errors import TranscoderConfigError
 from tl_circuits.storage import read_safetensors
 from tl_circuits.transcoders import hub
+from tl_circuits.transcoders.base import read_json_object
 from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
 
 CT_CONFIG = "config.yaml"
@@ -53,14 +53,8 @@ class Options:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path`` (TranscoderConfigError naming the file otherwise)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TranscoderConfigError(f"{path}: not a readable JSON file: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TranscoderConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    """The JSON object in ``path`` (:func:`~tl_circuits.transcoders.base.read_json_object`)."""
+    return read_json_object(path)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
