@@ -5,31 +5,184 @@ a temporary file in the destination's directory and renames it over the destinat
 (``os.replace``, atomic on POSIX), so a reader never sees a half-written file and an
 interrupted write leaves the old file in place. Tensors are read through safetensors only
 (never unpickled).
+
+Writers replace only regular files or missing paths: a directory, a device, a FIFO, a
+socket or a symbolic link at the destination is refused with
+:class:`~tl_circuits.errors.TLCircuitsError` naming what it is (:func:`check_writable`), so
+``to_json("/dev/null")`` run as root cannot replace the device node and a symlink is never
+silently turned into a file. New files get the mode ``0o666 & ~umask``, as ``open`` would
+give them.
+
+Temporary files are hidden and recognisable: ``.{name}.{host}.{pid}.{random}.tmp`` beside
+``{name}`` (``host``: a short hash of the host name; ``pid``: the writing process). A writer
+removes its temporary file when anything fails; one killed outright (SIGKILL, power loss)
+cannot, so each successful write of ``{name}`` also removes that target's temporaries left
+by writers of this host that no longer run. Readers never look at dot files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
+import socket
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torch import Tensor
 
 from tl_circuits.errors import TLCircuitsError
 
+#: at most this many characters of the target's name go into a temporary file's name
+_TMP_NAME_CHARS = 120
+
 
 def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``
-    (the temporary file is removed if anything fails)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    (the temporary file is removed if anything fails). ``path`` must be a regular file or
+    missing (:func:`check_writable`); the file gets the mode ``0o666 & ~umask``."""
+    path = Path(path)
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        check_writable(path)  # again: something may have appeared there meanwhile
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_stale_temporaries(path)
+
+
+def write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
+    """Let ``write(tmp)`` write a temporary file beside ``path`` (by its name, a ``str``),
+    then rename it over ``path``: readers see the old file or the whole new one, never a
+    part. ``path`` must be a regular file or missing (:func:`check_writable`)."""
+    _replace_atomically(Path(path), write)
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`~tl_circuits.errors.TLCircuitsError` unless ``path`` is a regular file
+    or missing (its directory must exist): a writer may only replace those."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            what = "missing" if not os.path.lexists(path.parent) else _kind(path.parent)
+            raise TLCircuitsError(
+                f"cannot write {path}: its directory {path.parent} is {what}"
+            ) from None
+        return
+    if stat.S_ISREG(st.st_mode):
+        return
+    what = _kind(path)
+    raise TLCircuitsError(
+        f"cannot write {path}: it is {what}; only a regular file or a missing path is "
+        "replaced (remove it or choose another path)"
+    )
+
+
+def _kind(path: Path) -> str:
+    """What ``path`` is, in words (not following a symbolic link)."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISREG, "a regular file"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tmp_prefix(name: str, pid: int | None = None) -> str:
+    """``.{name}.{host}.{pid}.`` (``name`` cut to a length that leaves room)."""
+    return f".{name[:_TMP_NAME_CHARS]}.{_host_tag()}.{os.getpid() if pid is None else pid}."
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries of ``path`` left by writers of this host that no longer run."""
+    pattern = re.compile(
+        re.escape(f".{path.name[:_TMP_NAME_CHARS]}.{_host_tag()}.") + r"(\d+)\.[^.]+\.tmp"
+    )
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            st = os.lstat(path.parent / name)
+            if stat.S_ISREG(st.st_mode):
+                os.unlink(path.parent / name)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or cannot tell: keep the file
+    return True
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the lock file ``path`` (created if missing, never removed)
+    for a read-modify-write of the file it guards; other processes calling this with the
+    same path wait. Uses ``fcntl.flock`` (POSIX); where it does not exist, no lock is
+    taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        what = _kind(path) if os.path.lexists(path) else "not creatable"
+        raise TLCircuitsError(f"cannot use the lock file {path}: it is {what} ({e})") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TLCircuitsError(f"cannot use the lock file {path}: it is {_kind(path)}")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def write_text(path: Path, text: str) -> None:
@@ -80,3 +233,14 @@ def read_safetensors(
     except Exception as e:  # safetensors raises its own (Rust) error types
         raise error(f"{path} is not a readable safetensors file: {e}") from e
     return tensors, metadata
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """The hex sha256 of the file ``path``, read in chunks (constant memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()

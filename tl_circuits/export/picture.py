@@ -10,6 +10,15 @@ attention heads that carried them (``L1H3``), largest loading first.
 
 The picture is meant for a pruned graph (tens to a few hundred nodes); ``max_edges``
 bounds what is drawn for larger ones.
+
+Text from the model (token strings, the prompt, target labels) is drawn as plain text:
+mathtext is off for it (``$\\frac{$`` is drawn as typed), and characters that are
+invisible or not allowed in XML (control characters, lone surrogates, U+FFFE/U+FFFF) are
+drawn as their escapes (``\\x01``, ``\\ud800``); newline, tab and carriage return as
+``⏎``, ``→``, ``↵``, as in the frontend JSON. The SVG therefore always parses as XML.
+Each file is rendered to a temporary file beside it and renamed into place
+(:func:`tl_circuits.storage.write_atomically`): an interrupted write leaves the old file or
+none, never a truncated one.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from matplotlib.figure import Figure
 
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.nodes import ERROR, FEATURE, TARGET, TOKEN
+from tl_circuits.storage import write_atomically
 
 if TYPE_CHECKING:
     from tl_circuits.attention.heads.loadings import HeadLoadings
@@ -152,7 +162,9 @@ def draw_graph(
         _draw_edges(ax, graph, edges, xy, labels)
     _draw_nodes(ax, graph, shown, xy)
     ax.set_xticks(range(n_pos))
-    ax.set_xticklabels([repr(s)[1:-1] for s in graph.token_strings], rotation=45, ha="right")
+    ax.set_xticklabels(
+        [display_text(s) for s in graph.token_strings], rotation=45, ha="right", parse_math=False
+    )
     ax.set_yticks(range(n_rows))
     ax.set_yticklabels(["emb"] + [f"L{m}" for m in range(n_rows - 2)] + ["out"])
     ax.set_xlim(-0.7, n_pos - 0.3)
@@ -161,7 +173,9 @@ def draw_graph(
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-    ax.set_title(title or graph.info.get("prompt") or " ".join(graph.token_strings), fontsize=9)
+    prompt = graph.info.get("prompt")
+    text = title or (prompt if isinstance(prompt, str) else "") or " ".join(graph.token_strings)
+    ax.set_title(display_text(text), fontsize=9, parse_math=False)
     fig.tight_layout()
     return fig
 
@@ -181,14 +195,41 @@ def save_graph_picture(
     stem = Path(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    # SVG text as <text> elements (searchable, XML-escaped), not as glyph outlines
-    with plt.rc_context({"svg.fonttype": "none"}):
-        for fmt in formats:
-            out = stem.with_suffix(f".{fmt}")
-            fig.savefig(out, format=fmt, dpi=150, bbox_inches="tight")
-            written.append(out)
-    plt.close(fig)
+    try:
+        # SVG text as <text> elements (searchable, XML-escaped), not as glyph outlines
+        with plt.rc_context({"svg.fonttype": "none"}):
+            for fmt in formats:
+                out = stem.with_suffix(f".{fmt}")
+
+                def render(tmp: str, fmt: str = fmt) -> None:
+                    fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+
+                write_atomically(out, render)
+                written.append(out)
+    finally:
+        plt.close(fig)
     return written
+
+
+#: how newline, tab and carriage return are shown (as in the frontend JSON)
+_SHOWN = {"\n": "⏎", "\t": "→", "\r": "↵"}
+
+
+def display_text(text: str) -> str:
+    """``text`` as drawn (module docstring): newline, tab and carriage return as arrows,
+    other characters that are invisible or invalid in XML as their escapes."""
+    return "".join(_SHOWN.get(c) or (_escape(c) if _hidden(c) else c) for c in str(text))
+
+
+def _hidden(c: str) -> bool:
+    """A control character (C0, DEL, C1), a surrogate, or U+FFFE/U+FFFF."""
+    o = ord(c)
+    return o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF or o in (0xFFFE, 0xFFFF)
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o <= 0xFF else f"\\u{o:04x}"
 
 
 def _draw_edges(
@@ -253,7 +294,7 @@ def _draw_nodes(ax: Axes, graph: AttributionGraph, shown: torch.Tensor, xy: torc
             )
     for i in (kinds == TARGET).nonzero(as_tuple=True)[0].tolist():
         ax.annotate(
-            graph.node_label(i).removeprefix("Output "),
+            display_text(graph.node_label(i).removeprefix("Output ")),
             (float(xy[i, 0]), float(xy[i, 1])),
             xytext=(2, 8),
             textcoords="offset points",
@@ -262,4 +303,5 @@ def _draw_nodes(ax: Axes, graph: AttributionGraph, shown: torch.Tensor, xy: torc
             ha="left",
             va="bottom",
             zorder=5,
+            parse_math=False,
         )

@@ -37,10 +37,25 @@ optional metadata numbers take no ``null``: ``metadata.node_threshold`` is writt
 given, ``metadata.generation_settings.max_feature_nodes`` only when ``info`` records a
 feature budget, and ``metadata.pruning_settings`` (``node_threshold``, ``edge_threshold``)
 only for a pruned graph (``info["pruned"]``).
+
+Slugs name files (``{slug}.json`` in a directory of graphs), so they are checked
+(:func:`check_slug`): Neuronpedia's upload rule ``^[a-zA-Z0-9_.-]+$``, at most
+:data:`MAX_SLUG_LENGTH` characters, no leading dot (no hidden files, no ``..``) and not the
+index's name. An explicit ``slug=`` that breaks the rule is refused; derived slugs are made
+safe (:func:`derived_slug`): one from the prompt always ends in a hash of the prompt (so
+prompts that reduce to the same words get different files), and a ``info["slug"]`` or file
+name stem that breaks the rule (a loaded graph's ``info`` is untrusted) is reduced to
+allowed characters plus a hash of the original. A slug is never used as a path.
+
+In a directory, the graph file and the index are written under a lock on
+``.graph-metadata.json.lock`` beside the index: the index is read and checked first (a
+folder, a device or a file of the wrong shape there raises and nothing is written), then
+``{slug}.json`` is written, then the index, so parallel exports keep every entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -55,7 +70,7 @@ from tl_circuits._version import __version__
 from tl_circuits.errors import NonFiniteError, TLCircuitsError
 from tl_circuits.graph.files import check_graph
 from tl_circuits.graph.nodes import ERROR, FEATURE, KINDS, TARGET, TOKEN, Target
-from tl_circuits.storage import write_text
+from tl_circuits.storage import check_writable, locked, write_text
 
 if TYPE_CHECKING:
     from tl_circuits.graph.graph import AttributionGraph
@@ -66,6 +81,14 @@ FRONTEND_SCHEMA_VERSION = 1
 EXTRA_VERSION = 1
 #: the index of a directory of graphs, as the circuit-tracer local server reads it
 INDEX_FILE = "graph-metadata.json"
+#: the lock file beside the index, held for each read-modify-write of it
+INDEX_LOCK_FILE = ".graph-metadata.json.lock"
+#: the longest slug accepted (the file name is ``{slug}.json``)
+MAX_SLUG_LENGTH = 100
+#: Neuronpedia's upload rule for slugs (and scans)
+SLUG_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+#: hex digits of the hash ending derived slugs
+_HASH_CHARS = 8
 
 #: ``blocks(node_ids)`` -> entries of the extra block, computed once the node ids are known
 Blocks = Callable[[list[str]], Mapping[str, Any]]
@@ -93,8 +116,10 @@ def frontend_json(
     added to that directory's ``graph-metadata.json`` index, as the circuit-tracer local
     server expects).
 
-    - ``slug``: defaults to the file name stem of ``path``, else ``info["slug"]``, else
-      one made from the prompt
+    - ``slug``: checked by :func:`check_slug` (a bad one raises
+      :class:`~tl_circuits.errors.TLCircuitsError`); defaults to the file name stem of
+      ``path``, else ``info["slug"]``, else one made from the prompt, each made safe by
+      :func:`derived_slug` (module docstring)
     - ``scan``: the model / transcoder-set id Neuronpedia looks features up in; defaults
       to ``info["scan"]``, else ``info["model_name"]``, else ``"unknown"``
     - ``node_threshold``: recorded in the metadata, left out when not given (the viewer's
@@ -123,8 +148,7 @@ def frontend_json(
         if prompt is None:
             prompt = "".join(graph.token_strings)
     out_path = Path(path) if path is not None else None
-    if slug is None:
-        slug = _default_slug(out_path, info, prompt)
+    slug = _default_slug(out_path, info, prompt) if slug is None else check_slug(slug)
     n_layers = _n_layers(graph)
     token_ids = [int(t) for t in graph.tokens.reshape(-1).tolist()]
     nodes = _frontend_nodes(graph, n_layers, token_ids, influence, clerps or {}, decode)
@@ -148,12 +172,57 @@ def frontend_json(
 
 
 def _default_slug(out_path: Path | None, info: Mapping[str, Any], prompt: str) -> str:
-    """The file name stem of ``out_path``, else ``info["slug"]``, else one from the prompt."""
+    """The file name stem of ``out_path``, else ``info["slug"]``, else one from the prompt,
+    made safe (:func:`derived_slug`)."""
     if out_path is not None and not out_path.is_dir():
-        return out_path.stem
+        return derived_slug(out_path.stem)
     if isinstance(info.get("slug"), str):
-        return info["slug"]
-    return _slugify(prompt)
+        return derived_slug(info["slug"])
+    return derived_slug(prompt, from_prompt=True)
+
+
+def slug_problem(slug: Any) -> str | None:
+    """Why ``slug`` cannot name a graph (module docstring), or ``None`` if it can."""
+    if not isinstance(slug, str):
+        return f"it is a {type(slug).__name__}, not a string"
+    if not slug:
+        return "it is empty"
+    if len(slug) > MAX_SLUG_LENGTH:
+        return f"it has {len(slug)} characters, more than {MAX_SLUG_LENGTH}"
+    if not SLUG_PATTERN.fullmatch(slug):
+        bad = sorted({c for c in slug if not SLUG_PATTERN.fullmatch(c)})
+        shown = ", ".join(ascii(c) for c in bad[:5])
+        return f"it has characters outside A-Z a-z 0-9 _ . - ({shown})"
+    if slug.startswith("."):
+        return "it starts with a dot (a hidden file, or a parent directory)"
+    if slug.lower() == Path(INDEX_FILE).stem:
+        return f"it is the name of the directory's index {INDEX_FILE}"
+    return None
+
+
+def check_slug(slug: Any) -> str:
+    """``slug`` if it can name a graph (and its file ``{slug}.json``), else raise
+    :class:`~tl_circuits.errors.TLCircuitsError` saying why."""
+    problem = slug_problem(slug)
+    if problem is not None:
+        raise TLCircuitsError(
+            f"slug {slug!r} cannot name a graph file: {problem}; use 1 to {MAX_SLUG_LENGTH} "
+            f"of the characters A-Z a-z 0-9 _ . - (Neuronpedia's rule), not starting with a "
+            f"dot, other than {Path(INDEX_FILE).stem!r}"
+        )
+    return slug
+
+
+def derived_slug(text: str, *, from_prompt: bool = False) -> str:
+    """A safe slug made from untrusted ``text``: ``text`` itself when it passes
+    :func:`check_slug` (and is not a prompt), else its lower-cased letters and digits
+    joined by ``-`` (at most 60 characters) plus ``-`` and a hash of ``text``, so that
+    different texts never share a slug by reduction. Prompts always get the hash."""
+    if not from_prompt and slug_problem(text) is None:
+        return text
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60].strip("-")
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+    return f"{words or 'graph'}-{digest}"
 
 
 def _metadata(
@@ -234,13 +303,23 @@ def _extra_block(graph: AttributionGraph, ids: list[str], n_layers: int) -> dict
 
 
 def _write(result: dict[str, Any], out_path: Path, slug: str, indent: int | None) -> None:
-    """Write ``result`` to ``out_path`` (a directory: as ``{slug}.json`` plus the index)."""
-    if out_path.is_dir():
-        write_text(out_path / f"{slug}.json", _dumps_frontend(result, indent))
-        _update_graph_index(out_path / INDEX_FILE, result["metadata"])
-    else:
+    """Write ``result`` to ``out_path`` (a directory: as ``{slug}.json`` plus the index,
+    under the index's lock: check the index, write the graph file, update the index)."""
+    text = _dumps_frontend(result, indent)
+    if not out_path.is_dir():
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(out_path, _dumps_frontend(result, indent))
+        write_text(out_path, text)
+        return
+    name = f"{check_slug(slug)}.json"
+    graph_path, index_path = out_path / name, out_path / INDEX_FILE
+    with locked(out_path / INDEX_LOCK_FILE):
+        index = _read_graph_index(index_path)
+        check_writable(graph_path)
+        write_text(graph_path, text)
+        slug = result["metadata"]["slug"]
+        graphs = [g for g in index["graphs"] if g.get("slug") != slug]
+        index["graphs"] = [*graphs, result["metadata"]]
+        write_text(index_path, json.dumps(index, indent=2, ensure_ascii=True, allow_nan=False))
 
 
 def _n_layers(graph: AttributionGraph) -> int:
@@ -445,11 +524,6 @@ def _display_token(s: str) -> str:
     return s.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
 
 
-def _slugify(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60].strip("-")
-    return slug or "graph"
-
-
 def _finite_or_none(x: Any) -> float | None:
     if x is None:
         return None
@@ -481,20 +555,25 @@ def _dumps_frontend(result: dict[str, Any], indent: int | None) -> str:
     return json.dumps(result, indent=indent, ensure_ascii=True, allow_nan=False)
 
 
-def _update_graph_index(index_path: Path, metadata: dict[str, Any]) -> None:
-    """Add ``metadata`` to the ``{"graphs": [...]}`` index the local frontend lists."""
-    index: dict[str, Any] = {"graphs": []}
-    if index_path.is_file():
-        try:
-            loaded = json.loads(index_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TLCircuitsError(f"{index_path} exists but is not valid JSON: {e}") from e
-        if isinstance(loaded, dict) and isinstance(loaded.get("graphs"), list):
-            index = loaded
-    index["graphs"] = [
-        g
-        for g in index["graphs"]
-        if not (isinstance(g, dict) and g.get("slug") == metadata["slug"])
-    ]
-    index["graphs"].append(metadata)
-    write_text(index_path, json.dumps(index, indent=2, ensure_ascii=True, allow_nan=False))
+def _read_graph_index(index_path: Path) -> dict[str, Any]:
+    """The ``{"graphs": [{...}, ...]}`` index the local frontend lists (empty when
+    missing); anything else there raises, so no entry is ever silently dropped."""
+    check_writable(index_path)  # a directory, device, FIFO or symlink there raises
+    if not index_path.exists():
+        return {"graphs": []}
+    try:
+        loaded = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TLCircuitsError(f"{index_path} exists but is not valid JSON: {e}") from e
+    if not (isinstance(loaded, dict) and isinstance(loaded.get("graphs"), list)):
+        raise TLCircuitsError(
+            f"{index_path} is not a graph index (an object whose 'graphs' is a list); "
+            "move it away or export into another directory"
+        )
+    bad = next((i for i, g in enumerate(loaded["graphs"]) if not isinstance(g, dict)), None)
+    if bad is not None:
+        raise TLCircuitsError(
+            f"{index_path}: entry {bad} of 'graphs' is a {type(loaded['graphs'][bad]).__name__}"
+            ", not an object; fix or move the index"
+        )
+    return loaded
