@@ -10,6 +10,7 @@ import torch
 
 from tl_circuits.cli.options import (
     add_source_options,
+    check_output_dir,
     graph_source,
     load_graph_dir,
     strongest_edges,
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.edges < 1 or args.top < 1:
         raise SourceError("--edges and --top must be positive")
     graph = load_graph_dir(args.graph)
+    if args.save:
+        check_output_dir(_graph_folder(args.graph), "--save: the graph folder")
     source = graph_source(graph.info, args)
     model, transcoders = load_source(source)
     adjacency = graph.adjacency

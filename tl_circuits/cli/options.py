@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--fold-ln",
         action="store_true",
-        help="load the model with LayerNorm folded (only if the transcoders were trained so)",
+        help="load the model with LayerNorm folded (only if the transcoders were trained so; "
+        "refused for the embedded default model, whose transcoders were trained unfolded)",
     )
     group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     group.add_argument(
@@ -72,7 +74,36 @@ def load_graph_dir(path: Path) -> Any:
     return AttributionGraph.load(path)
 
 
-__all__ = ["add_source_options", "graph_source", "load_graph_dir", "load_source"]
+def check_output_dir(path: Path, flag: str) -> Path:
+    """Refuse, before any work, an output folder that cannot be written: ``path`` is a file,
+    or it (or, if it does not exist yet, the nearest folder above it, where it would be
+    created) is not a writable folder (permissions, a read-only file system)."""
+    if path.exists() and not path.is_dir():
+        raise SourceError(f"{flag} {path}: exists and is not a folder; choose another path")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise SourceError(f"{flag} {path}: cannot create it, {probe} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".tl_circuits_probe_"):
+            pass
+    except OSError as exc:
+        where = "" if probe == path else f" (it would be created in {probe})"
+        reason = exc.strerror or type(exc).__name__
+        raise SourceError(f"{flag} {path}: cannot write there{where}: {reason}") from None
+    return path
+
+
+__all__ = [
+    "add_source_options",
+    "check_output_dir",
+    "graph_source",
+    "load_graph_dir",
+    "load_source",
+]
 
 
 def strongest_edges(adjacency: torch.Tensor, k: int) -> torch.Tensor:

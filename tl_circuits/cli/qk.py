@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
             model, transcoders = load_source(source)
         graph = None
 
-    n_pos = int(model.to_tokens(prompt).shape[-1]) if isinstance(prompt, str) else len(prompt)
+    from tl_circuits.model.prompt import to_tokens
+
+    n_pos = int(to_tokens(model, prompt).shape[0])  # a bad prompt fails here, clearly
     query = _position(args.query_pos, n_pos, "--query-pos")
     keys = [_position(k, n_pos, "--key-pos") for k in args.key_pos] if args.key_pos else None
     # check what is cheap to check before any graph is built

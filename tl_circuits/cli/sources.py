@@ -14,10 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from tl_circuits.errors import TLCircuitsError
-from tl_circuits.model.loading import DTYPES
+from tl_circuits.errors import PretrainedError, TLCircuitsError
+from tl_circuits.model.loading import DTYPES, check_device
 from tl_circuits.transcoders.loading import release_entry
 
 if TYPE_CHECKING:
@@ -53,14 +51,31 @@ class ModelSource:
     device: str = "cpu"
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        if self.model == DEFAULT and self.fold_ln:
+            raise SourceError(
+                "--fold-ln does not apply to the embedded default model: its transcoders were "
+                "trained on the unfolded model, so they do not fit a folded one; drop --fold-ln "
+                "(it is for --model with transcoders trained on a folded model)"
+            )
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> ModelSource:
+        if not isinstance(record, dict):
+            raise SourceError(f"the graph's model-source record is not an object: {record!r:.80}")
         unknown = set(record) - set(cls.__dataclass_fields__)
         if unknown:
             raise SourceError(f"unknown model-source fields {sorted(unknown)} in {record}")
+        wrong = [
+            k
+            for k, v in record.items()
+            if not (isinstance(v, bool) if k == "fold_ln" else isinstance(v, str) or v is None)
+        ]
+        if wrong:
+            raise SourceError(f"model-source fields {sorted(wrong)} have wrong types in {record}")
         return cls(**record)
 
     def describe(self) -> str:
@@ -86,6 +101,7 @@ def source_from_args(args: Any) -> ModelSource:
             model = DEFAULT
     if args.dtype not in DTYPES:
         raise SourceError(f"unknown --dtype {args.dtype!r}; choose from {sorted(DTYPES)}")
+    device = check_source_device(args.device)
     template = getattr(args, "sae_id_template", None)
     if template is not None and "{layer}" not in template:
         raise SourceError(f"--sae-id-template {template!r} has no '{{layer}}' placeholder")
@@ -96,17 +112,24 @@ def source_from_args(args: Any) -> ModelSource:
         else ("per_layer" if model == DEFAULT else None),
         sae_id_template=template,
         fold_ln=bool(getattr(args, "fold_ln", False)),
-        device=args.device,
+        device=device,
         dtype=args.dtype,
     )
+
+
+def check_source_device(device: str) -> str:
+    """``--device`` if this machine has it (SourceError otherwise)."""
+    try:
+        return check_device(device)
+    except PretrainedError as exc:
+        raise SourceError(f"--device: {exc}") from None
 
 
 def load_source(source: ModelSource) -> tuple[HookedTransformer, Transcoders]:
     """Load the model and transcoders ``source`` names (clear errors otherwise)."""
     from tl_circuits.transcoders.loading import load_pretrained
 
-    if source.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SourceError(f"--device {source.device}: CUDA is not available on this machine")
+    check_source_device(source.device)
     if source.model == DEFAULT:
         return _load_default(source)
     if source.transcoders is None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tl_circuits.cli.options import add_source_options, strongest_edges
+from tl_circuits.cli.options import add_source_options, check_output_dir, strongest_edges
 from tl_circuits.cli.sources import DEFAULT, SourceError, load_source, source_from_args
 
 DESCRIPTION = """\
@@ -51,9 +51,26 @@ def add_parser(sub: Any) -> None:
         "--target",
         action="append",
         default=None,
-        help="explain this token's logit (repeatable; default: the top logits to p=0.95)",
+        metavar="TOKEN",
+        help="explain this token's logit (repeatable; default: the top logits to p=0.95). "
+        "TOKEN is a token string, also when it is all digits: --target 5 is the token '5' "
+        "(refused if the tokenizer does not know it); use --target-id for a token id",
     )
-    p.add_argument("--logit-diff", nargs=2, metavar=("A", "B"), help="explain logit(A) - logit(B)")
+    p.add_argument(
+        "--target-id",
+        dest="target",
+        action="append",
+        type=int,
+        metavar="ID",
+        help="explain the logit of the token with this vocabulary id (repeatable; may be mixed "
+        "with --target)",
+    )
+    p.add_argument(
+        "--logit-diff",
+        nargs=2,
+        metavar=("A", "B"),
+        help="explain logit(A) - logit(B) of two different token strings",
+    )
     p.add_argument("--node-threshold", type=float, default=0.8, help="(%(default)s)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="(%(default)s)")
     p.add_argument(
@@ -97,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
             raise SourceError(f"--{name.replace('_', '-')} must be positive, got {value}")
     source = source_from_args(args)
     prompt = resolve_prompt(args, source.model)
+    if args.logit_diff and args.logit_diff[0] == args.logit_diff[1]:
+        raise SourceError(
+            f"--logit-diff {args.logit_diff[0]!r} {args.logit_diff[1]!r}: the difference of a "
+            "logit with itself is always 0; give two different tokens"
+        )
+    out: Path = check_output_dir(args.out, "--out")
     print(f"loading {source.describe()} ...")
     model, transcoders = load_source(source)
     targets: list[Any] | None = list(args.target) if args.target else None
@@ -116,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
             loadings = HeadLoadings.compute(pruned, edges)
     _print_pruned(pruned, loadings)
 
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     written = [graph.save(out / "graph"), pruned.save(out / "pruned")]
     if loadings is not None:

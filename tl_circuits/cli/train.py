@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from tl_circuits.cli.sources import DEFAULT, SourceError
+from tl_circuits.cli.options import check_output_dir
+from tl_circuits.cli.sources import DEFAULT, SourceError, check_source_device
 
 DESCRIPTION = """\
 Train transcoders on a model's MLP inputs/outputs (tl_circuits.training; docs/training.md)
@@ -32,7 +33,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--model", default=None, help="TransformerLens model name (default: embedded)")
-    p.add_argument("--fold-ln", action="store_true", help="load the model with LN folded")
+    p.add_argument(
+        "--fold-ln",
+        action="store_true",
+        help="load the model with LN folded (needs --model; the default model is unfolded)",
+    )
     p.add_argument("--tokens", type=Path, help=".safetensors ('tokens') or .txt file")
     p.add_argument("--seq-len", type=int, default=128, help="for .txt tokens (%(default)s)")
     p.add_argument("--kind", choices=("per_layer", "cross_layer"), default="per_layer")
@@ -53,6 +58,16 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from tl_circuits.training import TrainingConfig, train_transcoders
 
+    if args.fold_ln and args.model in (None, DEFAULT):
+        raise SourceError(
+            "--fold-ln does not apply to the embedded default model (it is used unfolded, as "
+            "its shipped transcoders were trained); drop --fold-ln or pass --model"
+        )
+    if args.device is not None:
+        check_source_device(args.device)
+    check_output_dir(args.out, "--out")
+    if args.tokens is not None and not args.tokens.is_file():
+        raise FileNotFoundError(f"--tokens {args.tokens}: no such file")
     model = _model(args)
     cfg = TrainingConfig(
         kind=args.kind,
@@ -88,6 +103,8 @@ def _model(args: argparse.Namespace) -> Any:
 
 def _token_source(args: argparse.Namespace, model: Any) -> Any:
     """What the trainer streams: a tensor from --tokens, or synthetic chunks."""
+    from tl_circuits.training.config import TrainingDataError
+
     if args.tokens is None:
         if args.model not in (None, DEFAULT):
             raise SourceError(f"--model {args.model}: give --tokens (a .safetensors or .txt file)")
@@ -98,17 +115,36 @@ def _token_source(args: argparse.Namespace, model: Any) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise TrainingDataError(
+                f"--tokens {path}: not a readable .safetensors file ({exc})"
+            ) from None
         if "tokens" not in tensors:
-            raise SourceError(f"{path} has no 'tokens' tensor (it has {sorted(tensors)})")
+            raise TrainingDataError(f"{path} has no 'tokens' tensor (it has {sorted(tensors)})")
         tokens = tensors["tokens"]
-        if tokens.ndim != 2 or tokens.dtype.is_floating_point:
-            raise SourceError(f"{path}: 'tokens' must be an integer [n_seq, seq] tensor")
+        if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TrainingDataError(
+                f"{path}: 'tokens' must be an integer [n_seq, seq] tensor, got "
+                f"{tokens.dtype} of shape {tuple(tokens.shape)}"
+            )
         return tokens.long()
     if path.suffix == ".txt":
         if args.seq_len < 2:
             raise SourceError("--seq-len must be at least 2")
-        ids = model.to_tokens(path.read_text(encoding="utf-8"), prepend_bos=False)[0]
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise TrainingDataError(
+                f"--tokens {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                f"{exc.start}, line {line}); convert it to UTF-8 first"
+            ) from None
+        if model.tokenizer is None:
+            raise TrainingDataError(f"--tokens {path}: the model has no tokenizer for text")
+        ids = model.to_tokens(text, prepend_bos=False)[0]
         body = args.seq_len - 1
         n_seq = ids.shape[0] // body
         if n_seq == 0:

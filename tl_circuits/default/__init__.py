@@ -28,7 +28,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_circuits.default.synthetic import fact_table
 from tl_circuits.default.tokenizer import load_tokenizer
-from tl_circuits.errors import TLCircuitsError
+from tl_circuits.errors import PretrainedError, TLCircuitsError
+from tl_circuits.model.loading import check_device
 from tl_circuits.transcoders import CrossLayerTranscoder, TranscoderSet
 
 __all__ = [
@@ -133,6 +134,7 @@ def load_default_model(
     script uses this for its output folder).
     """
     directory = Path(directory) if directory is not None else None
+    device = _device(device)
     cfg = model_config(device, directory)
     tokenizer = load_tokenizer(_data_file("tokenizer.json", directory))
     model = HookedTransformer(cfg, tokenizer=tokenizer)
@@ -154,6 +156,7 @@ def load_default_transcoders(
         raise DefaultModelError(
             f"unknown transcoder kind {kind!r}; use one of {sorted(TRANSCODER_DIRS)}"
         )
+    device = _device(device)
     path = _data_file(TRANSCODER_DIRS[kind], Path(directory) if directory is not None else None)
     if kind == "per_layer":
         with warnings.catch_warnings():
@@ -164,6 +167,13 @@ def load_default_transcoders(
             )
             return TranscoderSet.load(path, device=str(device))
     return CrossLayerTranscoder.load(path, device=str(device))
+
+
+def _device(device: str | torch.device) -> str:
+    try:
+        return check_device(device)
+    except PretrainedError as exc:
+        raise DefaultModelError(str(exc)) from None
 
 
 @cache

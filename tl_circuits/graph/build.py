@@ -15,6 +15,7 @@ independent forward pass of the replacement model with every node set to zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -191,33 +192,73 @@ def _node_layout(
 def _check_memory(
     plan: _Plan, batch_size: int, memory_limit_bytes: int | None, max_feature_nodes: int | None
 ) -> tuple[int, int]:
-    """``(estimated bytes, limit)``; raises when the estimate exceeds the limit (default:
-    the free memory of the model's device: host RAM, or the CUDA device's own)."""
+    """``(estimated bytes, limit)``; raises when the estimate exceeds the limit: the
+    caller's ``memory_limit_bytes`` (a positive finite number) or, when None, the free
+    memory of the model's device (host RAM, or the CUDA device's own). The refusal says
+    which limit it was and names only the knobs that would make the graph fit."""
     ctx = plan.ctx
-    stored = None if plan.groups is None else sum(len(r) * len(c) for r, c in plan.groups)
-    need = estimate_memory_bytes(
-        plan.budget + plan.n_targets,
-        plan.n_cols,
-        ctx.n_pos,
-        ctx.model.cfg.d_model,
-        batch_size,
-        ctx.n_layers,
-        ctx.compute_dtype.itemsize,
-        budgeted=not plan.full,
-        stored_elements=stored,
-    )
-    limit = (
-        memory_limit_bytes
-        if memory_limit_bytes is not None
-        else available_memory_bytes(ctx.embeddings.device)
-    )
-    if need > limit:
-        raise TLCircuitsError(
-            f"this graph needs about {need / 2**30:.2f} GiB ({plan.budget} feature rows x "
-            f"{plan.n_cols} columns) but {limit / 2**30:.2f} GiB is available; lower "
-            f"max_feature_nodes (now {max_feature_nodes}) or batch_size (now {batch_size})"
+    if memory_limit_bytes is not None:
+        limit_ok = isinstance(memory_limit_bytes, (int, float)) and not isinstance(
+            memory_limit_bytes, bool
         )
-    return need, limit
+        if not limit_ok or not math.isfinite(memory_limit_bytes) or memory_limit_bytes <= 0:
+            raise TLCircuitsError(
+                f"memory_limit_bytes must be a positive finite number of bytes (or None for the "
+                f"free memory of the device), got {memory_limit_bytes!r}"
+            )
+    stored = None if plan.groups is None else sum(len(r) * len(c) for r, c in plan.groups)
+
+    def estimate(budget: int, batch: int, budgeted: bool) -> int:
+        return estimate_memory_bytes(
+            budget + plan.n_targets,
+            plan.n_cols,
+            ctx.n_pos,
+            ctx.model.cfg.d_model,
+            batch,
+            ctx.n_layers,
+            ctx.compute_dtype.itemsize,
+            budgeted=budgeted,
+            stored_elements=None if budgeted else stored,
+        )
+
+    need = estimate(plan.budget, batch_size, not plan.full)
+    device = ctx.embeddings.device
+    limit = (
+        int(memory_limit_bytes)
+        if memory_limit_bytes is not None
+        else available_memory_bytes(device)
+    )
+    if need <= limit:
+        return need, limit
+    if memory_limit_bytes is not None:
+        against = f"the limit you set (memory_limit_bytes={memory_limit_bytes!r}) is"
+        knobs = [f"raise memory_limit_bytes (or pass None to use the free memory of {device})"]
+    else:
+        against = f"the free memory of {device} is"
+        knobs = ["free memory on the device, run on a device with more memory"]
+    if batch_size > 1 and estimate(plan.budget, 1, not plan.full) <= limit:
+        knobs.append(f"lower batch_size (now {batch_size})")
+    # the largest feature budget that fits (the estimate grows with the budget)
+    lo, hi = 0, plan.budget - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(mid, batch_size, True) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 1:
+        now = "all features" if max_feature_nodes is None else max_feature_nodes
+        knobs.append(f"set max_feature_nodes to at most about {lo} (now {now})")
+    raise TLCircuitsError(
+        f"this graph needs about {_gib(need)} ({plan.budget} feature rows x {plan.n_cols} "
+        f"columns, batch_size {batch_size}) but {against} {_gib(limit)}; " + "; or ".join(knobs)
+    )
+
+
+def _gib(n_bytes: float) -> str:
+    """``n_bytes`` in GiB, with the exact byte count when that rounds to 0.00 GiB."""
+    gib = n_bytes / 2**30
+    return f"{gib:.2f} GiB" if gib >= 0.01 else f"{gib:.2g} GiB ({int(n_bytes):,} bytes)"
 
 
 class _RowPasses:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.nodes import Target
+from tl_circuits.model.prompt import text_problem, unknown_words
 from tl_circuits.replacement.context import ReplacementContext
 
 
@@ -17,18 +19,49 @@ class TargetError(TLCircuitsError):
     """A target specification is invalid (unknown token, wrong shape, ...)."""
 
 
-def _token_id(ctx: ReplacementContext, spec: int | str) -> int:
+def _token_id(ctx: ReplacementContext, spec: Any) -> int:
+    """The vocabulary id of one token given as an id (an int, not a bool) or as a string
+    that is exactly one token the tokenizer knows. A digit string such as ``"5"`` is a
+    string (the word "5"), never the id 5."""
     d_vocab = ctx.model.cfg.d_vocab
+    if isinstance(spec, bool) or (isinstance(spec, Tensor) and spec.dtype == torch.bool):
+        raise TargetError(f"target {spec!r} is a bool; give a token id (int) or a token string")
     if isinstance(spec, str):
-        if ctx.model.tokenizer is None:
-            raise TargetError(f"target {spec!r} is a string but the model has no tokenizer")
-        ids = ctx.model.to_tokens(spec, prepend_bos=False)[0].tolist()
-        if len(ids) != 1:
-            raise TargetError(f"target {spec!r} is {len(ids)} tokens; a logit target must be one")
-        spec = ids[0]
-    if not 0 <= int(spec) < d_vocab:
-        raise TargetError(f"target token id {spec} is outside the vocabulary [0, {d_vocab})")
-    return int(spec)
+        return _string_token_id(ctx, spec)
+    if isinstance(spec, Tensor) and spec.dim() == 0 and not spec.is_floating_point():
+        spec = int(spec)
+    try:
+        token = operator.index(spec)  # ints, numpy integers; not floats
+    except TypeError:
+        raise TargetError(
+            f"cannot interpret target {spec!r} ({type(spec).__name__}) as a token: give a "
+            "token id (int) or a token string"
+        ) from None
+    if not 0 <= token < d_vocab:
+        raise TargetError(f"target token id {token} is outside the vocabulary [0, {d_vocab})")
+    return token
+
+
+def _string_token_id(ctx: ReplacementContext, spec: str) -> int:
+    tokenizer = ctx.model.tokenizer
+    if tokenizer is None:
+        raise TargetError(f"target {spec!r} is a string but the model has no tokenizer")
+    if spec == "":
+        raise TargetError(f"target {spec!r} is empty; give a token string or a token id")
+    problem = text_problem(spec)
+    if problem is not None:
+        raise TargetError(f"target {spec!r} cannot be tokenised: {problem}")
+    unknown = unknown_words(tokenizer, spec)
+    if unknown:
+        raise TargetError(
+            f"target {spec!r} is not in the tokenizer's vocabulary (it would become the "
+            f"unknown token {tokenizer.unk_token!r}); give a word of the vocabulary, or a token "
+            "id as an int (tl-circuits: --target-id)"
+        )
+    ids = ctx.model.to_tokens(spec, prepend_bos=False)[0].tolist()
+    if len(ids) != 1:
+        raise TargetError(f"target {spec!r} is {len(ids)} tokens; a logit target must be one")
+    return int(ids[0])
 
 
 def _token_str(ctx: ReplacementContext, token: int) -> str:
@@ -49,7 +82,8 @@ def resolve_targets(
 
     ``specs`` None: the top logits until cumulative probability >= ``desired_probability``
     (at most ``max_logits``), each weighted by its probability. Otherwise each item is a
-    token (id or single-token string), a pair ``(a, b)`` for the logit difference
+    token (an int id, not a bool, or a string that is one token the tokenizer knows; a
+    digit string is a word, not an id), a pair ``(a, b)`` for the logit difference
     ``a - b``, a ``[d_model]`` tensor (a direction read from the final normalised residual
     stream), or a ready :class:`Target`; these have weight 1.
     """
@@ -85,6 +119,11 @@ def resolve_targets(
         n = int((cumulative < desired_probability).sum()) + 1
         return [logit_target(int(t), float(probs[t])) for t in top[: min(n, max_logits)]]
 
+    if isinstance(specs, (str, bytes, int, Tensor, Target)) or not isinstance(specs, Sequence):
+        raise TargetError(
+            f"targets must be a list of targets, got {type(specs).__name__} {specs!r:.60}; "
+            f"wrap a single target in a list (targets=[{specs!r:.40}])"
+        )
     if len(specs) == 0:
         raise TargetError("targets is empty; pass None for the default top logits")
     return [_target_of(ctx, spec, pos, i, logit_target) for i, spec in enumerate(specs)]
@@ -116,6 +155,11 @@ def _target_of(
         if len(spec) != 2:
             raise TargetError(f"a logit-difference target is a pair (a, b), got {spec!r}")
         a, b = (_token_id(ctx, s) for s in spec)
+        if a == b:
+            raise TargetError(
+                f"logit-difference target {spec!r}: both sides are token {a} "
+                f"({_token_str(ctx, a)!r}); the difference of a logit with itself is always 0"
+            )
         return Target(
             kind="logit_diff",
             label=f'"{_token_str(ctx, a)}" - "{_token_str(ctx, b)}"',
@@ -124,7 +168,7 @@ def _target_of(
             bias=float(b_U[a] - b_U[b]),
             tokens=(a, b),
         )
-    if isinstance(spec, (int, str)):
+    if isinstance(spec, (int, str)) or hasattr(spec, "__index__"):
         return logit_target(_token_id(ctx, spec), 1.0)
     raise TargetError(f"cannot interpret target {spec!r}")
 

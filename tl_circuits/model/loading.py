@@ -31,6 +31,36 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> str:
+    """``device`` as a string, if torch knows it and this machine has it; PretrainedError
+    otherwise (a misspelt name, CUDA or MPS missing, a CUDA index past the last GPU)."""
+    if not isinstance(device, (str, torch.device)):
+        raise PretrainedError(f"device must be a str such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise PretrainedError(
+            f"unknown device {str(device)!r}; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PretrainedError(f"device {str(device)!r}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise PretrainedError(
+                f"device {str(device)!r}: this machine has {count} CUDA device(s) "
+                f"(cuda:0 .. cuda:{count - 1})"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PretrainedError(f"device {str(device)!r}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise PretrainedError(
+            f"device {str(device)!r}: only 'cpu', 'cuda[:N]' and 'mps' are supported"
+        )
+    return str(device)
+
+
 def load_model(
     name: str, *, fold_ln: bool = False, device: str = "cpu", dtype: str = "float32"
 ) -> HookedTransformer:
@@ -39,8 +69,7 @@ def load_model(
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     dtype_ = torch_dtype(dtype)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PretrainedError(f"device {device!r}: CUDA is not available on this machine")
+    device = check_device(device)
     try:
         get_official_model_name(name)
     except ValueError as exc:

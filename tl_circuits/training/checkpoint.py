@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tl_circuits.errors import TLCircuitsError
 from tl_circuits.training.activations import StreamPosition
 from tl_circuits.training.config import CheckpointError, TrainingConfig
 from tl_circuits.training.trainable import TrainableTranscoder
@@ -120,12 +121,11 @@ def load_checkpoint(
             f"resume=True but {root} holds no checkpoint ({STATE_FILE} + {WEIGHTS_FILE}); "
             "run with resume=False to start from scratch"
         )
-    meta = json.loads((root / STATE_FILE).read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{root / STATE_FILE}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint"
-        )
-    saved = TrainingConfig.from_dict(meta["config"])
+    meta = _read_state(root / STATE_FILE)
+    try:
+        saved = TrainingConfig.from_dict(meta["config"])
+    except (TLCircuitsError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{root / STATE_FILE}: its 'config' is not valid: {exc}") from None
     diff = cfg.differences(saved)
     if diff:
         detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
@@ -138,7 +138,7 @@ def load_checkpoint(
             f"the checkpoint trained layers {meta['layers']}, this run layers {layers} "
             "(does the model have the same number of layers?)"
         )
-    tensors = load_file(str(root / WEIGHTS_FILE), device=str(device))
+    tensors = _read_weights(root / WEIGHTS_FILE, device)
     module_state = {
         k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")
     }
@@ -155,6 +155,7 @@ def load_checkpoint(
             if f"adam.{i}.{key}" in tensors
         }
         if moments:
+            _check_moments(root / WEIGHTS_FILE, i, param, moments)
             moments["step"] = moments["step"].cpu()  # Adam keeps its step count on the CPU
             optimizer.state[param] = moments
     position = StreamPosition(meta["position"]["chunk"], meta["position"]["row"])
@@ -165,4 +166,85 @@ def load_checkpoint(
         seconds=meta["seconds"],
         stats=meta["stats"],
     )
-    return tensors["last_fired"], state
+    last_fired = tensors.get("last_fired")
+    if last_fired is None or last_fired.dim() != 2 or last_fired.shape[0] != len(layers):
+        shape = None if last_fired is None else tuple(last_fired.shape)
+        raise CheckpointError(
+            f"{root / WEIGHTS_FILE}: 'last_fired' must be a [{len(layers)}, d_sae] tensor, got "
+            f"{'nothing' if shape is None else shape}"
+        )
+    return last_fired, state
+
+
+# the type of every field of state.json (stats: an object or null)
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "version": (int,),
+    "config": (dict,),
+    "layers": (list,),
+    "tokens_seen": (int,),
+    "step": (int,),
+    "position": (dict,),
+    "seconds": (int, float),
+    "stats": (dict, type(None)),
+}
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """``state.json`` parsed and type-checked (CheckpointError naming the file otherwise)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not valid JSON ({exc}); the checkpoint is corrupt: delete "
+            f"{path.parent} or run with resume=False"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
+    problems = []
+    for key, types in _STATE_TYPES.items():
+        value = meta.get(key, ...)
+        if value is ...:
+            problems.append(f"{key!r} is missing")
+        elif isinstance(value, bool) or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append(f"{key!r} must be {names}, got {value!r:.40}")
+    if not problems:
+        layers, position = meta["layers"], meta["position"]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            problems.append(f"'layers' must be a list of ints, got {layers!r:.40}")
+        for key in ("chunk", "row"):
+            value = position.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"'position.{key}' must be an int >= 0, got {value!r:.40}")
+        for key in ("tokens_seen", "step"):
+            if meta[key] < 0:
+                problems.append(f"{key!r} must be >= 0, got {meta[key]}")
+    if problems:
+        raise CheckpointError(f"{path}: corrupt checkpoint state: " + "; ".join(problems))
+    return meta
+
+
+def _read_weights(path: Path, device: torch.device) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint's weights ({type(exc).__name__}: {exc}); the "
+            f"file is truncated or corrupt: delete {path.parent} or run with resume=False"
+        ) from None
+
+
+def _check_moments(path: Path, i: int, param: Tensor, moments: dict[str, Tensor]) -> None:
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = moments.get(key)
+        if value is None or value.shape != param.shape:
+            got = None if value is None else tuple(value.shape)
+            raise CheckpointError(
+                f"{path}: Adam moment 'adam.{i}.{key}' must have the parameter's shape "
+                f"{tuple(param.shape)}, got {got}"
+            )
+    if "step" not in moments or moments["step"].numel() != 1:
+        raise CheckpointError(f"{path}: Adam moment 'adam.{i}.step' is missing or not a scalar")
