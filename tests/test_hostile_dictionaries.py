@@ -210,3 +210,27 @@ def test_the_cli_says_so_in_one_line(tmp_path, capsys, monkeypatch, kind, name, 
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (out / "graph").exists()  # nothing written for a refused input
+
+
+@pytest.mark.parametrize("recorded", ["/etc", "../../somewhere", "{tmp}"])
+def test_a_graph_file_does_not_choose_which_folders_are_read(tmp_path, capsys, recorded):
+    """``heads`` / ``qk`` on a graph whose recorded source is a local folder refuse to read
+    it unless the user names it (--transcoders); the default model's record is used and
+    said aloud."""
+    from tl_circuits import AttributionGraph
+
+    out = tmp_path / "out"
+    assert main(["trace", "--out", str(out), "--no-picture", "--head-edges", "0"]) == 0
+    capsys.readouterr()
+    graph = AttributionGraph.load(out / "pruned")
+    assert main(["heads", str(out), "--edges", "2"]) == 0
+    assert "using the model and transcoders the graph records: embedded default" in (
+        capsys.readouterr().out
+    )
+    folder = str(tmp_path) if recorded == "{tmp}" else recorded
+    graph.info["source"] = {**graph.info["source"], "model": "gpt2", "transcoders": folder}
+    graph.save(out / "pruned")
+    for command in (["heads", str(out)], ["qk", str(out), "--layer", "1", "--head", "1"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "a graph file does not choose which files are read" in err and folder in err

@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from tl_circuits.cli.sources import ModelSource, SourceError, load_source, source_from_args
+from tl_circuits.cli.sources import (
+    DEFAULT,
+    ModelSource,
+    SourceError,
+    load_source,
+    source_from_args,
+)
 from tl_circuits.model.loading import DTYPES
 
 
@@ -59,6 +65,16 @@ def graph_source(graph_info: dict[str, Any], args: argparse.Namespace) -> ModelS
             "`tl-circuits trace`); pass --model and --transcoders"
         )
     source = ModelSource.from_json(record)
+    if source.model != DEFAULT and source.transcoders is not None:
+        recorded = Path(source.transcoders).expanduser()
+        if recorded.is_absolute() or recorded.exists() or source.transcoders.startswith("."):
+            # a graph file is data: it must not choose which local files are read
+            raise SourceError(
+                f"this graph records transcoders in the local folder {source.transcoders!r}; "
+                "a graph file does not choose which files are read: pass --model "
+                f"{source.model} --transcoders {source.transcoders} to load them"
+            )
+    print(f"using the model and transcoders the graph records: {source.describe()}")
     return ModelSource(**{**source.to_json(), "device": args.device, "dtype": args.dtype})
 
 
