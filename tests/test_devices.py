@@ -48,7 +48,7 @@ def test_the_build_refuses_past_the_devices_free_memory(monkeypatch: pytest.Monk
         return 1024
 
     monkeypatch.setattr("tl_circuits.graph.build.available_memory_bytes", tiny)
-    with pytest.raises(TLCircuitsError, match="GiB is available"):
+    with pytest.raises(TLCircuitsError, match="the free memory of cpu"):
         AttributionGraph.build(model, tcs, prompt_tokens(), show_progress=False)
     assert seen == [torch.device("cpu")]
 

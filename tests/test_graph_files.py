@@ -17,9 +17,9 @@ from tl_circuits.graph.files import (
     FORMAT_NAME,
     HEADER_FILE,
     METADATA_KEY,
-    TENSOR_FILE,
     load_graph,
     save_graph,
+    tensor_path,
 )
 from tl_circuits.graph.frontend import frontend_json
 from tl_circuits.graph.graph import AttributionGraph
@@ -161,9 +161,9 @@ def test_round_trip_exact(tmp_path, dtype, density, single_file):
     if single_file:
         assert path.is_file()
     else:
-        assert {p.name for p in path.iterdir()} == {HEADER_FILE, TENSOR_FILE}
+        assert {p.name for p in path.iterdir()} == {HEADER_FILE, tensor_path(path).name}
         header = json.loads((path / HEADER_FILE).read_text())
-        assert header["format"] == FORMAT_NAME and header["version"] == 1
+        assert header["format"] == FORMAT_NAME and header["version"] == 2
         assert header["adjacency"]["layout"] == ("dense" if density == 1.0 else "sparse")
     loaded = AttributionGraph.load(path)
     assert_graphs_equal(graph, loaded)
@@ -177,7 +177,7 @@ def test_sparse_adjacency_keeps_files_small(tmp_path):
     sizes = {}
     for name, adj in (("sparse", big), ("dense", torch.randn(n, n))):
         save_graph(_with_n_nodes(graph, adj), tmp_path / name)
-        sizes[name] = (tmp_path / name / TENSOR_FILE).stat().st_size
+        sizes[name] = tensor_path(tmp_path / name).stat().st_size
         assert torch.equal(load_graph(tmp_path / name).adjacency, adj)
     assert sizes["sparse"] < 0.05 * sizes["dense"]
 
@@ -249,7 +249,7 @@ def test_wrong_format_and_version(tmp_path):
     path = save_graph(make_graph(), tmp_path / "g")
     header = json.loads((path / HEADER_FILE).read_text())
     for change, pattern in (
-        ({"version": 2}, "unsupported .* version 2"),
+        ({"version": 3}, "unsupported .* version 3"),
         ({"version": "1"}, "unsupported"),
         ({"format": "something.else"}, "format is 'something.else'"),
     ):
@@ -273,12 +273,15 @@ def test_wrong_format_and_version(tmp_path):
 
 
 def test_missing_tensor_is_a_clear_error(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from tl_circuits.graph.files import _write_directory
 
     path = save_graph(make_graph(), tmp_path / "g")
-    tensors = load_file(str(path / TENSOR_FILE))
+    tensors = load_file(str(tensor_path(path)))
     del tensors["targets.1.vector"]
-    save_file(tensors, str(path / TENSOR_FILE))
+    # re-sealed, so that the missing tensor (not the checksum) is what loading finds
+    _write_directory(path, tensors, json.loads((path / HEADER_FILE).read_text()))
     with pytest.raises(TLCircuitsError, match=r"targets\.1\.vector"):
         load_graph(path)
 

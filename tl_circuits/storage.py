@@ -244,3 +244,79 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def remove_dead_temporaries(directory: Path, target: Callable[[str], bool]) -> None:
+    """Remove the temporary files in ``directory`` of every target name for which
+    ``target(name)`` is true, left by writers of this host that no longer run (a writer
+    killed outright). For formats whose file names vary from write to write (content
+    addressed), which a write of one name alone would never clean."""
+    pattern = re.compile(r"\.(.+)\." + re.escape(_host_tag()) + r"\.(\d+)\.[^.]+\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or not target(match.group(1)) or _running(int(match.group(2))):
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(directory / name).st_mode):
+                os.unlink(directory / name)
+
+
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def write_safetensors_streamed(
+    tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
+) -> None:
+    """Like :func:`write_safetensors`, but the file is written here, tensor by tensor,
+    into this module's own temporary file (no copy of the tensors as one byte string, and
+    no temporary file of safetensors' own, which a killed writer would leave behind under
+    a name nobody recognises). Tensors go in name order; readers are safetensors'."""
+    import json
+    import struct
+
+    import torch
+
+    owned = _owned(tensors)
+    names = sorted(owned)
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        t = owned[name]
+        code = _SAFETENSORS_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if code is None:
+            raise TLCircuitsError(f"cannot write tensor {name!r} of dtype {t.dtype} to {path}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": code,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name in names:
+                t = owned[name]
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+    _replace_atomically(path, write)

@@ -143,3 +143,35 @@ def dense_submatrix(
         values = g.values if masks is None else torch.where(masks[i], g.values, 0)
         out[r[keep_r][:, None], c[keep_c][None, :]] = values[keep_r][:, keep_c]
     return out
+
+
+def causal_group_sizes(kind: Tensor, layer: Tensor, pos: Tensor) -> list[tuple[int, int]]:
+    """``(n_rows, n_cols)`` of every group of :func:`causal_groups` (same order), counted
+    without building the index tensors: what a reader checks against the memory before
+    laying out blocks for a node table it has not built itself. Positions must be ``>= 0``
+    and feature/error layers ``>= 0``."""
+    n = len(kind)
+    out: list[tuple[int, int]] = []
+    feature = (kind == FEATURE).nonzero(as_tuple=True)[0]
+    if len(feature):
+        width = int(pos.max()) + 1
+        keys, counts = (layer[feature] * width + pos[feature]).unique(return_counts=True)
+        g_layer, g_pos = keys // width, keys % width
+        n_cols = torch.bincount(pos[kind == TOKEN], minlength=width).cumsum(0)[g_pos]
+        layered = (kind == FEATURE) | (kind == ERROR)
+        src_layer, order = torch.sort(layer[layered])
+        src_pos = pos[layered][order]
+        hist = torch.zeros(width, dtype=torch.long)
+        done = 0
+        for la in g_layer.unique().tolist():  # ascending
+            upto = int(torch.searchsorted(src_layer, la))  # sources with layer < la
+            if upto > done:
+                hist += torch.bincount(src_pos[done:upto], minlength=width)
+                done = upto
+            sel = g_layer == la
+            n_cols[sel] += hist.cumsum(0)[g_pos[sel]]
+        out = [(int(r), int(c)) for r, c in zip(counts.tolist(), n_cols.tolist())]
+    n_targets = int((kind == TARGET).sum())
+    if n_targets:
+        out.append((n_targets, n - n_targets))
+    return out

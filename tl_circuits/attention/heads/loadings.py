@@ -181,22 +181,37 @@ class HeadLoadings:
 
     # ---- files ---------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, graph: AttributionGraph | None = None) -> Path:
         """Write the loadings (safetensors, never pickle) and return the file written.
 
         ``path``: a graph folder (``AttributionGraph.save``'s directory layout; the loadings
         go beside the graph as ``head_loadings.safetensors``) or a file path ending in
-        ``.safetensors``."""
-        target = _file_of(Path(path))
+        ``.safetensors``. The graph's id (:func:`~tl_circuits.graph.files.graph_id`) is
+        recorded: ``graph``'s when given (after :meth:`check_graph`), else the id of the
+        graph saved in the folder ``path``, if any; :meth:`load` with a graph refuses
+        loadings recorded for another id."""
+        from tl_circuits.graph.files import graph_id, saved_graph_id
+
+        path = Path(path)
+        target = _file_of(path)
+        if graph is not None:
+            self.check_graph(graph)
+            gid = graph_id(graph)
+        else:
+            gid = saved_graph_id(path) if path.is_dir() else None
         target.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
-        write_safetensors(tensors, target, {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+        metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)}
+        if gid is not None:
+            metadata["graph_id"] = gid
+        write_safetensors(tensors, target, metadata)
         return target
 
     @classmethod
     def load(cls, path: str | Path, graph: AttributionGraph | None = None) -> HeadLoadings:
         """Read loadings written by :meth:`save` (``path``: the graph folder or the file).
-        With ``graph``, check that they are this graph's (:meth:`check_graph`)."""
+        With ``graph``, check that they are this graph's: the recorded graph id (when
+        the file has one) is ``graph``'s, and :meth:`check_graph` passes."""
         source = _file_of(Path(path))
         if not source.is_file():
             raise FileNotFoundError(f"no head loadings at {source} (HeadLoadings.save writes it)")
@@ -213,6 +228,17 @@ class HeadLoadings:
         except Exception as e:  # jaxtyping / beartype shape errors
             raise HeadLoadingError(f"{source}: inconsistent head-loading tensors: {e}") from e
         if graph is not None:
+            recorded = metadata.get("graph_id")
+            if recorded is not None:
+                from tl_circuits.graph.files import graph_id
+
+                actual = graph_id(graph)
+                if recorded != actual:
+                    raise HeadLoadingError(
+                        f"{source} holds head loadings of the graph with id {recorded}, but "
+                        f"this graph's id is {actual}: they belong to another graph "
+                        "(compute them on this one with HeadLoadings.compute)"
+                    )
             loaded.check_graph(graph)
         return loaded
 
