@@ -158,11 +158,13 @@ class AttributionGraph:
         return save_graph(self, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> AttributionGraph:
-        """Load a graph written by :meth:`save` (no pickle)."""
+    def load(cls, path: str | Path, *, max_memory_bytes: int | None = None) -> AttributionGraph:
+        """Load a graph written by :meth:`save` (no pickle; checked for integrity and
+        meaning); ``max_memory_bytes`` bounds what loading may allocate
+        (:func:`~tl_circuits.graph.files.load_graph`)."""
         from tl_circuits.graph.files import load_graph
 
-        return load_graph(path)
+        return load_graph(path, max_memory_bytes=max_memory_bytes)
 
     def to_json(self, path: str | Path | None = None, **options: Any) -> dict[str, Any]:
         """The Neuronpedia / circuit-tracer frontend JSON of the graph; written to ``path``
