@@ -195,14 +195,6 @@ def write_text(path: Path, text: str) -> None:
     _replace_atomically(path, write)
 
 
-def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (moved to the CPU, made contiguous and unshared) with string
-    ``metadata`` to the safetensors file ``path`` atomically."""
-    from safetensors.torch import save_file
-
-    _replace_atomically(path, lambda tmp: save_file(_owned(tensors), tmp, metadata=metadata))
-
-
 def _owned(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """CPU, contiguous tensors that share no storage (safetensors refuses shared ones)."""
     out: dict[str, Tensor] = {}
@@ -279,13 +271,13 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def write_safetensors_streamed(
-    tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
-) -> None:
-    """Like :func:`write_safetensors`, but the file is written here, tensor by tensor,
-    into this module's own temporary file (no copy of the tensors as one byte string, and
-    no temporary file of safetensors' own, which a killed writer would leave behind under
-    a name nobody recognises). Tensors go in name order; readers are safetensors'."""
+def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (moved to the CPU, made contiguous and unshared) with string
+    ``metadata`` to the safetensors file ``path`` atomically. The file is written here,
+    tensor by tensor, into this module's own temporary file (no copy of the tensors as one
+    byte string, and no temporary file of safetensors' own, which a killed writer would
+    leave behind under a name nobody recognises). Tensors go in name order; readers are
+    safetensors'."""
     import json
     import struct
 

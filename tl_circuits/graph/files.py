@@ -113,7 +113,7 @@ from tl_circuits.storage import (
     read_safetensors,
     remove_dead_temporaries,
     sha256_file,
-    write_safetensors_streamed,
+    write_safetensors,
     write_text,
 )
 
@@ -251,7 +251,7 @@ def _write_single(path: Path, tensors: dict[str, Tensor], header: dict[str, Any]
         "version": str(FORMAT_VERSION),
         "graph_id": gid,
     }
-    write_safetensors_streamed(
+    write_safetensors(
         tensors, path, metadata
     )  # also removes its dead writers' temporaries
 
@@ -264,7 +264,7 @@ def _write_directory(path: Path, tensors: dict[str, Tensor], header: dict[str, A
     old = _named_tensor_file(path)
     try:
         meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "graph_id": gid}
-        write_safetensors_streamed(tensors, path / name, meta)
+        write_safetensors(tensors, path / name, meta)
         sealed = {
             **_base(header),
             "id": gid,
