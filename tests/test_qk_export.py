@@ -20,6 +20,22 @@ from tl_circuits.graph.files import load_graph, save_graph
 
 F64 = torch.float64
 COMPONENT = {"type": "string", "minLength": 1}
+TERM = {
+    "type": "object",
+    "required": ["value", "query", "key"],
+    "properties": {"value": {"type": "number"}, "query": COMPONENT, "key": COMPONENT},
+    "additionalProperties": False,
+}
+TERMS = {"type": "array", "items": TERM}
+MARGINALS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["id", "value"],
+        "properties": {"id": COMPONENT, "value": {"type": "number"}},
+        "additionalProperties": False,
+    },
+}
 SCHEMA = {
     "type": "object",
     "required": ["top_terms", "basis", "pairs", "links"],
@@ -39,6 +55,12 @@ SCHEMA = {
                     "soft_capped",
                     "remainder",
                     "terms",
+                    "model_score",
+                    "positive",
+                    "negative",
+                    "query_marginals",
+                    "key_marginals",
+                    "competition",
                 ],
                 "properties": {
                     "layer": {"type": "integer", "minimum": 0},
@@ -48,18 +70,17 @@ SCHEMA = {
                     "score": {"type": "number"},
                     "soft_capped": {"type": "boolean"},
                     "remainder": {"type": "number"},
-                    "terms": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["value", "query", "key"],
-                            "properties": {
-                                "value": {"type": "number"},
-                                "query": COMPONENT,
-                                "key": COMPONENT,
-                            },
-                            "additionalProperties": False,
-                        },
+                    "terms": TERMS,
+                    "model_score": {"type": "number"},
+                    "positive": TERMS,
+                    "negative": TERMS,
+                    "query_marginals": MARGINALS,
+                    "key_marginals": MARGINALS,
+                    "competition": {
+                        "type": "object",
+                        "required": ["score", "terms"],
+                        "properties": {"score": {"type": "number"}, "terms": TERMS},
+                        "additionalProperties": False,
                     },
                 },
                 "additionalProperties": False,
@@ -126,6 +147,47 @@ def test_export_qk_block(tmp_path) -> None:
             assert [(t["query"], t["key"]) for t in pair["terms"]] == [
                 (name.get(t.query) or ids[t.query], name.get(t.key) or ids[t.key]) for t in top
             ]
+            # the model's own clean pre-cap score (Q1)
+            assert pair["model_score"] == pytest_approx(pair["score"], rel=1e-4)
+            # signed views: all of one sign, ranked, the same terms as the attribution's
+            pos_v = [t["value"] for t in pair["positive"]]
+            neg_v = [t["value"] for t in pair["negative"]]
+            assert all(v > 0 for v in pos_v) and pos_v == sorted(pos_v, reverse=True)
+            assert all(v < 0 for v in neg_v) and neg_v == sorted(neg_v)
+            assert pos_v == pytest.approx(
+                [t.value for t in qk.top_terms(0, k, sign="positive") if t.value > 0]
+            )
+            assert neg_v == pytest.approx(
+                [t.value for t in qk.top_terms(0, k, sign="negative") if t.value < 0]
+            )
+            # marginals: ranked by |value|, each equal to the row / column sum of the terms
+            dense = qk.key_terms(0)
+            q_ids = [name.get(c) or ids[c] for c in qk.q_components.tolist()]
+            k_ids = [name.get(c) or ids[c] for c in qk.k_components.tolist()]
+            for side, sums, names in (
+                ("query_marginals", dense.sum(1), q_ids),
+                ("key_marginals", dense.sum(0), k_ids),
+            ):
+                got = pair[side]
+                assert 0 < len(got) <= k
+                assert [abs(x["value"]) for x in got] == sorted(
+                    (abs(x["value"]) for x in got), reverse=True
+                )
+                for x in got:  # a component live only at another listed key: 0 here
+                    want_x = float(sums[names.index(x["id"])]) if x["id"] in names else 0.0
+                    assert x["value"] == pytest_approx(want_x, 1e-6)
+            # competition: score_k - sum_j p_j score_j over every key 0..q
+            every = QKAttribution.from_basis(bases[m], head=h, query_pos=q)
+            pattern = cache[f"blocks.{m}.attn.hook_pattern"][0, h, q, : q + 1].double()
+            every_scores = cache[f"blocks.{m}.attn.hook_attn_scores"][0, h, q, : q + 1].double()
+            want = float(every_scores[p] - pattern @ every_scores)
+            assert pair["competition"]["score"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+            comp = [t["value"] for t in pair["competition"]["terms"]]
+            assert 0 < len(comp) <= k
+            assert [abs(v) for v in comp] == sorted((abs(v) for v in comp), reverse=True)
+            full = every.competition_terms(p)
+            assert abs(comp[0]) == pytest.approx(float(full.abs().max()), rel=1e-9)
+            assert float(full.sum()) == pytest.approx(want, rel=1e-4, abs=1e-6)
             checked += 1
     assert checked > 0
     # off by default; refused without head loadings or without the model (loaded graph)

@@ -19,6 +19,11 @@ it, compute which attention heads carried its strongest edges, and write
   OUT/pruned/    the pruned graph and its head loadings (head_loadings.safetensors)
   OUT/graph.json the pruned graph in the Neuronpedia / circuit-tracer frontend format
   OUT/graph.svg, OUT/graph.png  a picture: layers as rows, positions as columns
+  OUT/viewer.json  the interactive viewer's document: the graph JSON plus head loadings of
+                 the strongest edges, QK terms of their heads, attention patterns and (for
+                 the default model) feature cards
+  OUT/viewer.html  the interactive viewer as one self-contained file (no network); or
+                 browse several traces with `tl-circuits serve OUT`
 
 With no --model it runs on the embedded default model (no network needed) and, with no
 prompt, on its induction prompt (see `tl-circuits info`).
@@ -145,10 +150,39 @@ def run(args: argparse.Namespace) -> int:
         written.append(loadings.save(out / "pruned"))
     export_json(pruned, out / "graph.json", head_loadings=loadings)
     written.append(out / "graph.json")
+    written += _write_viewer(pruned, loadings, source, out)
     if not args.no_picture:
         written += save_graph_picture(pruned, out / "graph", head_loadings=loadings)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _write_viewer(pruned: Any, loadings: Any, source: Any, out: Path) -> list[Path]:
+    """``OUT/viewer.json`` and ``OUT/viewer.html`` (the latter only when the package has
+    the viewer page), both written atomically."""
+    import json
+
+    from tl_circuits.errors import TLCircuitsError
+    from tl_circuits.storage import write_text
+    from tl_circuits.viewer.data import viewer_document
+    from tl_circuits.viewer.html import self_contained_html
+
+    cards = None
+    if source.model == DEFAULT:
+        from tl_circuits.default.cards import load_default_feature_cards
+
+        cards = load_default_feature_cards(source.transcoders or "per_layer")
+    doc = viewer_document(pruned, loadings, feature_cards=cards)
+    text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
+    write_text(out / "viewer.json", text + "\n")
+    written = [out / "viewer.json"]
+    try:
+        page = self_contained_html(doc)
+    except TLCircuitsError as exc:  # the page's assets are not installed
+        print(f"not writing {out / 'viewer.html'}: {exc}")
+        return written
+    write_text(out / "viewer.html", page)
+    return [*written, out / "viewer.html"]
 
 
 def _print_graph(graph: Any) -> None:

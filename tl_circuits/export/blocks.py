@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
 from tl_circuits.attention.heads.loadings import HeadLoadings
-from tl_circuits.attention.qk.attribution import QKAttribution
+from tl_circuits.attention.qk.attribution import QKAttribution, QKTerm
 from tl_circuits.attention.qk.basis import BIAS, EXCLUDED, QKBasis
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.graph import AttributionGraph
+from tl_circuits.typing import Float
 
 
 def head_loadings_block(
@@ -49,7 +55,17 @@ def qk_block(
     graph: AttributionGraph, hl: HeadLoadings, ids: list[str], top_heads: int, top_terms: int
 ) -> dict[str, Any]:
     """Top ``top_terms`` QK terms per (head, query, key) for the ``top_heads`` heads of
-    each link (graph-node basis, one basis per layer shared by its heads)."""
+    each link (graph-node basis, one basis per layer shared by its heads).
+
+    Each pair also carries (fields documented in
+    :func:`tl_circuits.export.frontend.export_json`): ``model_score``, the model's own
+    clean pre-soft-cap score ``q . k / attn_scale`` read from ``hook_rot_q`` / ``hook_rot_k``
+    (rotary models) or ``hook_q`` / ``hook_k`` of a clean run without any hook (what Q1
+    compares the terms' sum with; TransformerLens' ``hook_attn_scores`` is after the
+    soft-cap of Gemma-2, so it is not used); the top positive and negative terms; the top
+    query / key marginals; and the softmax-competition view, computed from one attribution
+    over every key ``0..query_pos`` the query sees.
+    """
     _check_count("qk_top_terms", top_terms)
     if graph.context is None:
         raise TLCircuitsError(
@@ -62,14 +78,27 @@ def qk_block(
     def component(c: int) -> str:
         return {BIAS: "bias", EXCLUDED: "excluded"}.get(c) or ids[c]
 
+    def listed(terms: list[QKTerm]) -> list[dict[str, Any]]:
+        return [
+            {"value": t.value, "query": component(t.query), "key": component(t.key)} for t in terms
+        ]
+
+    def marginals(values: Tensor, comps: Tensor) -> list[dict[str, Any]]:
+        order = values.abs().argsort(descending=True)[:top_terms].tolist()
+        return [{"id": component(int(comps[i])), "value": float(values[i])} for i in order]
+
     pairs: dict[str, Any] = {}
     bases: dict[int, QKBasis] = {}
+    clean: dict[int, Tensor] = {}
     for (m, h, q), keys in sorted(wanted.items()):
         if m not in bases:
             bases[m] = QKBasis.from_graph(graph, m)
+            clean[m] = clean_pre_cap_scores(graph.context.model, graph.tokens, m)
         key_pos = sorted(keys)
         qk = QKAttribution.from_basis(bases[m], head=h, query_pos=q, key_pos=key_pos)
+        every_key = QKAttribution.from_basis(bases[m], head=h, query_pos=q)  # keys 0..q
         sparse = qk.sparse_terms(top_terms)
+        q_marg, k_marg = qk.query_marginals(), qk.key_marginals()
         for ki, p in enumerate(key_pos):
             terms = zip(
                 sparse.query[ki].tolist(),
@@ -83,14 +112,58 @@ def qk_block(
                 "query_pos": q,
                 "key_pos": p,
                 "score": float(qk.scores[ki]),
+                "model_score": float(clean[m][h, q, p]),
                 "soft_capped": qk.soft_capped,
                 "remainder": float(sparse.remainder[ki]),
                 "terms": [
                     {"value": float(v), "query": component(a), "key": component(b)}
                     for a, b, v in terms
                 ],
+                "positive": listed(
+                    [t for t in qk.top_terms(ki, top_terms, sign="positive") if t.value > 0]
+                ),
+                "negative": listed(
+                    [t for t in qk.top_terms(ki, top_terms, sign="negative") if t.value < 0]
+                ),
+                "query_marginals": marginals(q_marg[ki], qk.q_components),
+                "key_marginals": marginals(k_marg[ki], qk.k_components),
+                "competition": {
+                    "score": every_key.competition_score(p),
+                    "terms": listed(every_key.top_terms(p, top_terms, competition=True)),
+                },
             }
     return {"top_terms": top_terms, "basis": "graph", "pairs": pairs, "links": links}
+
+
+def clean_pre_cap_scores(
+    model: HookedTransformer, tokens: Tensor, layer: int
+) -> Float[Tensor, "n_heads pos pos"]:
+    """Layer ``layer``'s clean pre-soft-cap scores ``q . k / attn_scale`` ``[n_heads, pos,
+    pos]`` (``hook_rot_q/k`` in rotary models, else ``hook_q/k``; keys repeated to query heads
+    under GQA), from a run of ``model`` on ``tokens`` with no other hook."""
+    cfg = model.cfg
+    prefix = f"blocks.{layer}.attn."
+    rotary = cfg.positional_embedding_type == "rotary"
+    q_name, k_name = (
+        (prefix + "hook_rot_q", prefix + "hook_rot_k")
+        if rotary
+        else (
+            prefix + "hook_q",
+            prefix + "hook_k",
+        )
+    )
+    kept: dict[str, Tensor] = {}
+
+    def keep(x: Tensor, hook: HookPoint) -> None:
+        kept[hook.name] = x.detach()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(q_name, keep), (k_name, keep)]):
+        model(tokens.reshape(1, -1).to(cfg.device))
+    group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
+    q = kept[q_name][0]  # [pos, n_heads, d_head]
+    k = kept[k_name][0].repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhe,khe->hqk", q, k) / model.blocks[layer].attn.attn_scale
+    return scores.detach().cpu().double()
 
 
 def _pairs_of_links(

@@ -71,6 +71,15 @@ def export_json(
               "soft_capped": bool,         # the model caps it with tanh afterwards
               "remainder": float,          # score minus the listed terms
               "terms": [{"value": float, "query": id, "key": id}, ...],  # top |value|
+              "model_score": float,        # the model's clean pre-cap q.k / attn_scale
+              "positive": [term, ...],     # the top terms > 0, largest first
+              "negative": [term, ...],     # the top terms < 0, most negative first
+              "query_marginals": [{"id": id, "value": float}, ...],  # top |value|
+              "key_marginals": [{"id": id, "value": float}, ...],
+              "competition": {             # over every key 0..query_pos the query sees
+                "score": float,            # score_k - sum_j p_j score_j (p: clean pattern)
+                "terms": [term, ...],      # top |value| terms of that difference
+              },
             }, ...
           },
           "links": {"{source node_id}->{target node_id}": ["L{m}H{h}@q:p", ...]},
