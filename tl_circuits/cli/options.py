@@ -82,12 +82,21 @@ def load_graph_dir(path: Path) -> Any:
     """Load a graph folder written by ``trace`` (``OUT/graph`` or ``OUT/pruned``) or the
     ``OUT`` folder itself (its pruned graph)."""
     from tl_circuits.graph import AttributionGraph
+    from tl_circuits.graph.files import saved_graph_id
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such graph (write one with `tl-circuits trace`)")
-    if (path / "pruned").is_dir():
-        path = path / "pruned"
-    return AttributionGraph.load(path)
+    if not (path / "pruned").is_dir():
+        return AttributionGraph.load(path)
+    pruned = AttributionGraph.load(path / "pruned")
+    expected = pruned.info.get("full_graph_id")
+    if expected is not None and (path / "graph").is_dir():
+        if saved_graph_id(path / "graph") != expected:  # the header's id: no full load
+            raise SourceError(
+                f"{path}: graph/ and pruned/ come from different runs of `tl-circuits trace` "
+                "(an interrupted run?); run trace again into this folder"
+            )
+    return pruned
 
 
 def check_output_dir(path: Path, flag: str) -> Path:

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from tl_circuits.export.frontend import export_json
     from tl_circuits.export.picture import save_graph_picture
     from tl_circuits.graph import AttributionGraph
+    from tl_circuits.graph.files import graph_id
 
     for name in ("max_features", "head_edges"):
         value = getattr(args, name)
@@ -145,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
     _print_pruned(pruned, loadings)
 
     out.mkdir(parents=True, exist_ok=True)
-    written = [graph.save(out / "graph"), pruned.save(out / "pruned")]
+    written = [graph.save(out / "graph")]
+    # the pruned graph names the full graph it came from: a folder whose graph/ and pruned/
+    # come from different (e.g. interrupted) runs is refused when read back
+    pruned.info["full_graph_id"] = graph_id(graph)
+    written.append(pruned.save(out / "pruned"))
     if loadings is not None:
         written.append(loadings.save(out / "pruned"))
     export_json(pruned, out / "graph.json", head_loadings=loadings)
