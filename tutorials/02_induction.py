@@ -176,3 +176,26 @@ removed = qk.key_terms(key_index)[:, (qk.k_components == component).nonzero()[0,
 new_score = float(result.scores[0, query_pos, key_index])
 assert abs(new_score - (float(qk.scores[key_index]) - float(removed))) < 1e-3  # predicted
 assert after < 0.2 * before and p_after < 0.1 < p_before
+
+# %% [markdown]
+# ## 5. Look at it: the interactive viewer
+# `viewer_document` bundles the pruned graph with its head loadings, the QK terms of the
+# heads each link names, the heads' attention patterns and the default model's feature
+# cards; `self_contained_html` makes one file that opens offline in any browser. Click the
+# edge from the first `B` to the output: its bars show the induction head, and clicking
+# the head shows its attention pattern and the QK terms above, summing to its score.
+# (`tl-circuits trace` writes the same file as `OUT/viewer.html`, and
+# `tl-circuits serve OUT` serves one or many traces, saving pins and supernodes.)
+
+# %%
+from pathlib import Path  # noqa: E402
+
+from tl_circuits.viewer import self_contained_html, viewer_document  # noqa: E402
+
+pruned = graph.prune()
+document = viewer_document(pruned, head_loadings=HeadLoadings.compute(pruned))
+viewer_links = document["extra"]["tl_circuits"]["viewer"]["link_heads"]
+Path("induction_viewer.html").write_text(self_contained_html(document), encoding="utf-8")
+print(f"wrote induction_viewer.html: {pruned.n_nodes} nodes, {len(viewer_links)} links with heads")
+page = Path("induction_viewer.html").read_text(encoding="utf-8")
+assert not any(f'{attr}="http' in page for attr in ("src", "href"))  # nothing to fetch
