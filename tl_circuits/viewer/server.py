@@ -48,6 +48,8 @@ from tl_circuits.viewer.html import assets_dir, resolve_asset, served_html
 __all__ = ["GraphEntry", "ViewerServer", "find_graphs", "make_server"]
 
 #: the largest annotations body accepted
+#: a refused oversized body is read and dropped up to this much, then the connection closes
+DRAIN_BYTES = 8 << 20
 MAX_BODY_BYTES = 1 << 20
 #: the largest JSON file listed (bigger ones are skipped)
 MAX_GRAPH_FILE_BYTES = 2 << 30
@@ -349,6 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(length)
         if n > MAX_BODY_BYTES:
             self.close_connection = True
+            self._discard(min(n, DRAIN_BYTES))  # so the client can read the answer
             return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body too large")
         body = self.rfile.read(n)
         try:
@@ -357,6 +360,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, ValueError, TLCircuitsError) as exc:
             return self._error(HTTPStatus.BAD_REQUEST, str(exc)[:300])
         self._json(HTTPStatus.OK, clean)
+
+    def _discard(self, n: int) -> None:
+        """Read and drop up to ``n`` bytes of a refused body (never kept in memory)."""
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 16))
+            if not chunk:
+                return
+            n -= len(chunk)
 
     # ---- responses -------------------------------------------------------------------
 
