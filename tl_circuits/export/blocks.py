@@ -14,6 +14,7 @@ from transformer_lens.hook_points import HookPoint
 from tl_circuits.attention.heads.loadings import HeadLoadings
 from tl_circuits.attention.qk.attribution import QKAttribution, QKTerm
 from tl_circuits.attention.qk.basis import BIAS, EXCLUDED, QKBasis
+from tl_circuits.attention.qk.components import pre_cap_scores, score_hook_names
 from tl_circuits.errors import TLCircuitsError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.typing import Float
@@ -142,16 +143,7 @@ def clean_pre_cap_scores(
     pos]`` (``hook_rot_q/k`` in rotary models, else ``hook_q/k``; keys repeated to query heads
     under GQA), from a run of ``model`` on ``tokens`` with no other hook."""
     cfg = model.cfg
-    prefix = f"blocks.{layer}.attn."
-    rotary = cfg.positional_embedding_type == "rotary"
-    q_name, k_name = (
-        (prefix + "hook_rot_q", prefix + "hook_rot_k")
-        if rotary
-        else (
-            prefix + "hook_q",
-            prefix + "hook_k",
-        )
-    )
+    q_name, k_name = score_hook_names(cfg, layer)
     kept: dict[str, Tensor] = {}
 
     def keep(x: Tensor, hook: HookPoint) -> None:
@@ -159,10 +151,7 @@ def clean_pre_cap_scores(
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(q_name, keep), (k_name, keep)]):
         model(tokens.reshape(1, -1).to(cfg.device))
-    group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
-    q = kept[q_name][0]  # [pos, n_heads, d_head]
-    k = kept[k_name][0].repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhe,khe->hqk", q, k) / model.blocks[layer].attn.attn_scale
+    scores = pre_cap_scores(model, kept[q_name][0], kept[k_name][0], layer)
     return scores.detach().cpu().double()
 
 

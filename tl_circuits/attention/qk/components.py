@@ -144,3 +144,22 @@ def capture(model: HookedTransformer, tokens: Tensor, names: Sequence[str]) -> d
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in wanted)
     return {n: cache[n] for n in wanted}
+
+
+def score_hook_names(cfg: Any, layer: int) -> tuple[str, str]:
+    """The hooks holding layer ``layer``'s final query and key vectors (after QK-norm and
+    rotary): ``hook_rot_q/k`` in rotary models, else ``hook_q/k``."""
+    prefix = f"blocks.{layer}.attn."
+    if cfg.positional_embedding_type == "rotary":
+        return prefix + "hook_rot_q", prefix + "hook_rot_k"
+    return prefix + "hook_q", prefix + "hook_k"
+
+
+def pre_cap_scores(model: HookedTransformer, q: Tensor, k: Tensor, layer: int) -> Tensor:
+    """Pre-soft-cap scores ``q . k / attn_scale`` ``[n_heads, pos, pos]`` from the vectors at
+    :func:`score_hook_names` (``[pos, n_heads or n_kv_heads, d_head]``, batch dim dropped;
+    keys repeated to their query heads under GQA)."""
+    cfg = model.cfg
+    group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
+    k = k.repeat_interleave(group, dim=1)
+    return torch.einsum("qhe,khe->hqk", q, k) / model.blocks[layer].attn.attn_scale

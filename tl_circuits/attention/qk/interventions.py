@@ -27,7 +27,12 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_circuits.attention.qk.basis import QKBasis
-from tl_circuits.attention.qk.components import Side, side_head
+from tl_circuits.attention.qk.components import (
+    Side,
+    pre_cap_scores,
+    score_hook_names,
+    side_head,
+)
 from tl_circuits.errors import QKError, UnsupportedArchitectureError
 from tl_circuits.typing import Float, Int, typechecked
 
@@ -192,12 +197,7 @@ def _run(basis: QKBasis, hooks: list, layer: int) -> dict[str, Tensor]:
     model = basis.model
     cfg = model.cfg
     prefix = f"blocks.{layer}.attn."
-    rotary = cfg.positional_embedding_type == "rotary"
-    q_name, k_name = (
-        (prefix + "hook_rot_q", prefix + "hook_rot_k")
-        if rotary
-        else (prefix + "hook_q", prefix + "hook_k")
-    )
+    q_name, k_name = score_hook_names(cfg, layer)
     names = {q_name, k_name, prefix + "hook_pattern"}
     names |= {f"blocks.{m}.attn.hook_attn_scores" for m in range(cfg.n_layers)}
     if cfg.use_qk_norm:
@@ -211,9 +211,6 @@ def _run(basis: QKBasis, hooks: list, layer: int) -> dict[str, Tensor]:
     all_hooks = [*hooks, *[(name, keep) for name in sorted(names)]]
     with torch.no_grad(), model.hooks(fwd_hooks=all_hooks):
         logits = model(basis.tokens[None])
-    group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
-    q = kept[q_name][0]  # [pos, n_heads, d_head]
-    k = kept[k_name][0].repeat_interleave(group, dim=1)
-    kept["scores"] = torch.einsum("qhe,khe->hqk", q, k) / model.blocks[layer].attn.attn_scale
+    kept["scores"] = pre_cap_scores(model, kept[q_name][0], kept[k_name][0], layer)
     kept["logits"] = logits[0].detach()
     return kept
