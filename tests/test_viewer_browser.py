@@ -403,6 +403,126 @@ def test_thresholds_and_canvas_edge_click(browser, induction_doc, tmp_path):
     )
 
 
+
+def _click_to_select(page, node_id: str) -> bool:
+    """Click the node on the canvas; whether that selected it (nodes can overlap)."""
+    pos = page.evaluate("id => window.tlViewer.nodeScreenPosition(id)", node_id)
+    if not (pos and pos["visible"]):
+        return False
+    page.mouse.click(pos["x"], pos["y"])
+    page.wait_for_timeout(50)
+    return page.get_attribute("#node-panel", "data-node") == node_id
+
+
+def test_pinned_subgraph_view(browser, induction_doc, tmp_path):
+    """Pin 3 nodes, group 2 of them into a supernode, show the pinned subgraph: only the
+    pinned nodes, the supernode as one node, the links among them merged per group."""
+    doc = induction_doc
+    page = open_file(browser, tmp_path, doc)
+    full = page.evaluate("window.tlViewer.visible()")
+    assert full["mode"] == "full" and len(full["nodes"]) == len(doc["nodes"])
+    target, link = _induction_link(doc)
+    tid, a = target["node_id"], link["source"]
+    # a second input of the target, clickable on the canvas
+    others = sorted(
+        (lk for lk in doc["links"] if lk["target"] == tid and lk["source"] not in (a, tid)),
+        key=lambda lk: -abs(lk["weight"]),
+    )
+    click_node(page, a)
+    page.click("#pin-button")
+    b = next((lk["source"] for lk in others[:30] if _click_to_select(page, lk["source"])), None)
+    assert b is not None, "no second input of the target could be clicked"
+    page.click("#pin-button")
+    page.fill("#supernode-name", "copy <i>group</i>")
+    page.click("#make-supernode")
+    click_node(page, tid)
+    page.click("#pin-button")
+    assert sorted(page.evaluate("window.tlViewer.annotations()")["pinned"]) == sorted([a, b, tid])
+
+    assert page.inner_text("#subgraph-toggle") == "show pinned subgraph"
+    page.click("#subgraph-toggle")
+    assert page.inner_text("#subgraph-toggle") == "show full graph"
+    vis = page.evaluate("window.tlViewer.visible()")
+    assert vis["mode"] == "subgraph"
+    assert vis["nodes"] == [tid]
+    assert len(vis["groups"]) == 1
+    assert vis["groups"][0]["name"] == "copy <i>group</i>"
+    assert sorted(vis["groups"][0]["members"]) == sorted([a, b])
+    # the links among the pinned nodes, merged per (source group, target group)
+    group = {a: "supernode:copy <i>group</i>", b: "supernode:copy <i>group</i>", tid: tid}
+    want: dict[tuple[str, str], float] = {}
+    for lk in doc["links"]:
+        s, t = group.get(lk["source"]), group.get(lk["target"])
+        if s is None or t is None or s == t:
+            continue
+        want[(s, t)] = want.get((s, t), 0.0) + lk["weight"]
+    got = {(lk["source"], lk["target"]): lk["weight"] for lk in vis["linkList"]}
+    assert vis["links"] == len(want) == len(got) >= 1
+    assert set(got) == set(want)
+    for key, w in want.items():
+        assert math.isclose(got[key], w, rel_tol=1e-9, abs_tol=1e-12), key
+    assert ("supernode:copy <i>group</i>", tid) in got
+    # only the single pinned node is drawn as a node (and can be clicked)
+    assert page.evaluate("id => window.tlViewer.nodeScreenPosition(id)", tid)["visible"]
+    for nid in (a, b, next(n["node_id"] for n in doc["nodes"] if n["node_id"] not in group)):
+        assert not page.evaluate("id => window.tlViewer.nodeScreenPosition(id)", nid)["visible"]
+    click_node(page, tid)
+    assert "pinned subgraph" in page.inner_text("#subgraph-note")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "viewer_subgraph.png"))
+
+    # and back to the full graph
+    page.click("#subgraph-toggle")
+    assert page.inner_text("#subgraph-toggle") == "show pinned subgraph"
+    back = page.evaluate("window.tlViewer.visible()")
+    counts = page.evaluate("window.tlViewer.counts()")
+    assert back["mode"] == "full" and back["groups"] == []
+    assert len(back["nodes"]) == counts["visibleNodes"] == len(doc["nodes"])
+    assert back["links"] == counts["drawnEdges"] == full["links"]
+    assert page.evaluate("id => window.tlViewer.nodeScreenPosition(id)", a)["visible"]
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def _with_influence(doc: dict[str, Any], *, ours: bool) -> dict[str, Any]:
+    """The document without ``extra``, each node's influence (k+1)/n by its index (the
+    cumulative influence of circuit-tracer when not ``ours``), and the metadata's
+    generator tl_circuits only when ``ours``."""
+    d = {k: v for k, v in copy.deepcopy(doc).items() if k != "extra"}
+    d["metadata"].pop("info", None)
+    if ours:
+        d["metadata"]["info"] = {"generator": {"name": "tl_circuits", "version": "0"}}
+    n = len(d["nodes"])
+    for k, node in enumerate(d["nodes"]):
+        node["influence"] = (k + 1) / n
+    return d
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_cumulative_influence_of_other_tools(browser, induction_doc, tmp_path, ours):
+    """Other tools' documents: node.influence is cumulative (lower = more important),
+    so the node threshold keeps the low-influence nodes; tl_circuits' keeps the high ones."""
+    d = _with_influence(induction_doc, ours=ours)
+    page = open_file(browser, tmp_path, d, name=f"infl_{ours}.html")
+    assert ("cumulative" in page.inner_text("#counts")) is (not ours)
+    page.locator("#node-threshold").fill("50")
+    shown = set(page.evaluate("window.tlViewer.visible()")["nodes"])
+    features = [n for n in d["nodes"] if not n["is_target_logit"] and n["feature_type"] != "logit"]
+    kept = [n["influence"] for n in features if n["node_id"] in shown]
+    hidden = [n["influence"] for n in features if n["node_id"] not in shown]
+    assert kept and hidden
+    if ours:
+        assert min(kept) > max(hidden)
+    else:
+        assert max(kept) < min(hidden)
+    # node size: the more important node is drawn larger
+    lo = min(features, key=lambda n: n["influence"])
+    hi = max(features, key=lambda n: n["influence"])
+    r_lo = page.evaluate("id => window.tlViewer.nodeInfo(id).r", lo["node_id"])
+    r_hi = page.evaluate("id => window.tlViewer.nodeInfo(id).r", hi["node_id"])
+    assert (r_hi > r_lo) if ours else (r_lo > r_hi)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------------------- served mode
 class _StandIn(http.server.BaseHTTPRequestHandler):
     """The API the page uses, over the package's index.html exactly as it is."""

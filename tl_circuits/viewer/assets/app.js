@@ -75,7 +75,8 @@
     selNode: -1, selEdge: -1, selHead: null, hoverNode: -1,
     transform: d3.zoomIdentity, zoom: null, width: 0, height: 0, dpr: 1,
     tl: null, viewer: null, hl: null, qk: null,
-    pinned: [], supernodes: [], maxAbsW: 1, drawQueued: false
+    pinned: [], supernodes: [], maxAbsW: 1, drawQueued: false,
+    subgraph: false, sub: null, foreignInfluence: false
   };
 
   // ----------------------------------------------------------------------------- loading
@@ -144,6 +145,7 @@
     if (!doc || !Array.isArray(doc.nodes)) return fail('the document has no "nodes" list');
     S.doc = doc; S.graphId = id;
     S.selNode = -1; S.selEdge = -1; S.selHead = null; S.hoverNode = -1;
+    S.subgraph = false; S.sub = null;
     S.tl = get(doc, ['extra', 'tl_circuits']) || null;
     S.viewer = (S.tl && S.tl.viewer) || null;
     S.hl = (S.tl && S.tl.head_loadings) || null;
@@ -166,6 +168,10 @@
       src[E] = s; tgt[E] = t; w[E] = wt; E++;
     }
     S.src = src.subarray(0, E); S.tgt = tgt.subarray(0, E); S.w = w.subarray(0, E); S.E = E;
+    // influence: tl_circuits' own documents store per-node influence (higher = more
+    // important); circuit-tracer / Neuronpedia store cumulative influence (lower = more
+    // important; pruning keeps influence <= threshold)
+    S.foreignInfluence = get(meta, ['info', 'generator', 'name']) !== 'tl_circuits';
     buildAdjacency();
     computeImportance();
     resize();
@@ -191,6 +197,7 @@
       ds.className = '';
     }
     loadAnnotations();
+    updateSubgraphControls();
     renderHeadsList();
     ['node-panel', 'edge-panel', 'head-panel'].forEach(function (p) { $(p).hidden = true; });
 
@@ -237,18 +244,24 @@
     return 'feature';
   }
 
-  // Importance: |influence| when the document has it, else the node's flow (the sum of
-  // |weight| over its links); logits use their probability.
+  // Importance: |influence| when the document has it (tl_circuits' documents: per-node
+  // influence), 1 - influence clamped to [0, 1] for other tools' documents (cumulative
+  // influence, lower = more important), else the node's flow (the sum of |weight| over its
+  // links).
   function computeImportance() {
     var N = S.N, imp = new Float64Array(N), i;
     var haveInfl = false;
     for (i = 0; i < N; i++) if (isNum(S.nodes[i].influence)) { haveInfl = true; break; }
     var flow = new Float64Array(N);
     for (i = 0; i < S.E; i++) { var a = Math.abs(S.w[i]); flow[S.src[i]] += a; flow[S.tgt[i]] += a; }
-    S.importanceSource = haveInfl ? 'influence' : 'total |weight| of its links (no influence in the document)';
+    var cumulative = haveInfl && S.foreignInfluence;
+    S.importanceSource = !haveInfl ? 'total |weight| of its links (no influence in the document)' :
+      (cumulative ? '1 \u2212 cumulative influence (circuit-tracer convention: lower influence = more important)' : 'influence');
     for (i = 0; i < N; i++) {
       var n = S.nodes[i];
-      imp[i] = haveInfl ? (isNum(n.influence) ? Math.abs(n.influence) : 0) : flow[i];
+      if (!haveInfl) imp[i] = flow[i];
+      else if (!isNum(n.influence)) imp[i] = 0;
+      else imp[i] = cumulative ? Math.max(0, Math.min(1, 1 - n.influence)) : Math.abs(n.influence);
     }
     var order = new Int32Array(N);
     for (i = 0; i < N; i++) order[i] = i;
@@ -410,12 +423,16 @@
       ctx.fillStyle = rr % 2 ? '#fafaf8' : '#ffffff';
       ctx.fillRect(0, y, S.worldW, S.rowH);
     }
-    var focus = S.selNode >= 0 || S.selEdge >= 0;
-    drawEdgeBatch(S.drawnEdges, focus ? 0.25 : 1, 1);
-    if (S.selNode >= 0) {
-      drawEdgeBatch(edgesOf(S.selNode, true).concat(edgesOf(S.selNode, false)), 1, 1.8);
+    if (S.subgraph && S.sub) {
+      drawSubLinks();
+    } else {
+      var focus = S.selNode >= 0 || S.selEdge >= 0;
+      drawEdgeBatch(S.drawnEdges, focus ? 0.25 : 1, 1);
+      if (S.selNode >= 0) {
+        drawEdgeBatch(edgesOf(S.selNode, true).concat(edgesOf(S.selNode, false)), 1, 1.8);
+      }
+      if (S.selEdge >= 0) drawEdgeBatch([S.selEdge], 1, 1.6, 'rgba(17,17,17,0.85)');
     }
-    if (S.selEdge >= 0) drawEdgeBatch([S.selEdge], 1, 1.6, 'rgba(17,17,17,0.85)');
     drawNodes();
     // row labels, in screen space
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
@@ -428,6 +445,7 @@
       var name = rr === 0 ? 'emb' : (rr === S.nRows - 1 ? 'logit' : 'L' + (rr - 1));
       ctx.fillText(name, 4, yy);
     }
+    if (S.subgraph && S.sub) drawSubLabels();
     renderTokens();
   }
 
@@ -466,11 +484,13 @@
     return d3.interpolateOranges(0.35 + 0.6 * Math.sqrt(S.importance[i] / S.maxImp));
   }
 
+  function drawnNodes() { return S.subgraph && S.sub ? S.sub.vis : S.visibleNode; }
+
   function drawNodes() {
-    var k = S.transform.k;
+    var k = S.transform.k, vis = drawnNodes();
     var groups = new Map();
     for (var i = 0; i < S.N; i++) {
-      if (!S.visibleNode[i]) continue;
+      if (!vis[i]) continue;
       var key = S.kinds[i] + '|' + nodeColor(i);
       var g = groups.get(key);
       if (!g) { g = []; groups.set(key, g); }
@@ -492,13 +512,13 @@
     ctx.beginPath();
     pinnedSet.forEach(function (id) {
       var i = S.idIndex.get(id);
-      if (i === undefined || !S.visibleNode[i]) return;
+      if (i === undefined || !vis[i]) return;
       ctx.moveTo(S.x[i] + S.r[i] + 3, S.y[i]);
       ctx.arc(S.x[i], S.y[i], S.r[i] + 3, 0, 2 * Math.PI);
     });
     ctx.stroke();
     var ring = function (i, color, width) {
-      if (i < 0) return;
+      if (i < 0 || !vis[i]) return;
       ctx.lineWidth = width / k;
       ctx.strokeStyle = color;
       ctx.beginPath();
@@ -554,13 +574,15 @@
     var t = S.transform;
     var wx = t.invertX(sx), wy = t.invertY(sy);
     var radius = (8 + 4) / Math.max(t.k, 1e-6);
-    var best = S.quadtree.find(wx, wy, Math.max(radius, 10));
+    var qt = S.subgraph && S.sub ? S.sub.quadtree : S.quadtree;
+    var best = qt.find(wx, wy, Math.max(radius, 10));
     if (best === undefined) return -1;
     var d = Math.hypot(S.x[best] - wx, S.y[best] - wy) * t.k;
     return d <= S.r[best] * t.k + 5 ? best : -1;
   }
   function edgeAt(sx, sy) {
     var t = S.transform, best = -1, bestD = 5;
+    if (S.subgraph) return -1;   // the subgraph view draws merged links, not the document's
     var cands = S.drawnEdges;
     if (S.selNode >= 0) cands = cands.concat(edgesOf(S.selNode, true), edgesOf(S.selNode, false));
     for (var i = 0; i < cands.length; i++) {
@@ -1108,6 +1130,7 @@
       li.appendChild(b);
       sl.appendChild(li);
     });
+    if (S.subgraph && S.doc) { buildSubgraph(); requestDraw(); }
   }
   function makeSupernode() {
     var name = $('supernode-name').value.trim();
@@ -1134,6 +1157,141 @@
       status.textContent = 'saved to the server';
       return body;
     }).catch(function (e) { status.textContent = 'could not save: ' + e.message; });
+  }
+
+  // ------------------------------------------------------------- pinned subgraph view
+  // Only the pinned nodes and the links among them. Each supernode (its pinned members;
+  // a node in several supernodes goes to the first) is drawn as one labelled box at the
+  // mean position of its members, with its members' links merged: weights summed per
+  // (source group, target group), a node outside every supernode being its own group;
+  // links inside one supernode are left out. The thresholds do not apply in this view.
+  function buildSubgraph() {
+    var pinnedIdx = [], pinnedSet = new Set();
+    S.pinned.forEach(function (id) {
+      var i = S.idIndex.get(id);
+      if (i !== undefined && !pinnedSet.has(i)) { pinnedIdx.push(i); pinnedSet.add(i); }
+    });
+    var groupOf = new Map(), groups = [];
+    S.supernodes.forEach(function (sn) {
+      var members = [];
+      sn.members.forEach(function (id) {
+        var i = S.idIndex.get(String(id));
+        if (i !== undefined && pinnedSet.has(i) && !groupOf.has(i)) { members.push(i); groupOf.set(i, groups.length); }
+      });
+      if (!members.length) return;
+      var g = { name: sn.name, members: members, x: 0, y: 0 };
+      members.forEach(function (i) { g.x += S.x[i]; g.y += S.y[i]; });
+      g.x /= members.length; g.y /= members.length;
+      groups.push(g);
+    });
+    var singles = pinnedIdx.filter(function (i) { return !groupOf.has(i); });
+    var vis = new Uint8Array(S.N);
+    singles.forEach(function (i) { vis[i] = 1; });
+    var merged = new Map(), links = [];
+    for (var e = 0; e < S.E; e++) {
+      var s = S.src[e], t = S.tgt[e];
+      if (!pinnedSet.has(s) || !pinnedSet.has(t)) continue;
+      var gs = groupOf.has(s) ? groupOf.get(s) : -1, gt = groupOf.has(t) ? groupOf.get(t) : -1;
+      if (gs >= 0 && gs === gt) continue;   // inside one supernode
+      var key = (gs >= 0 ? 'g' + gs : 'n' + s) + '>' + (gt >= 0 ? 'g' + gt : 'n' + t);
+      var m = merged.get(key);
+      if (!m) {
+        m = { gs: gs, s: s, gt: gt, t: t, w: 0, count: 0,
+          x1: gs >= 0 ? groups[gs].x : S.x[s], y1: gs >= 0 ? groups[gs].y : S.y[s],
+          x2: gt >= 0 ? groups[gt].x : S.x[t], y2: gt >= 0 ? groups[gt].y : S.y[t] };
+        merged.set(key, m); links.push(m);
+      }
+      m.w += S.w[e]; m.count++;
+    }
+    var maxW = 0;
+    links.forEach(function (l) { maxW = Math.max(maxW, Math.abs(l.w)); });
+    S.sub = {
+      singles: singles, groups: groups, links: links, vis: vis, maxW: maxW || 1,
+      quadtree: d3.quadtree().x(function (d) { return S.x[d]; }).y(function (d) { return S.y[d]; }).addAll(singles)
+    };
+    var nMembers = 0;
+    groups.forEach(function (g) { nMembers += g.members.length; });
+    $('subgraph-note').textContent = 'pinned subgraph: ' + pinnedIdx.length + ' pinned nodes (' + singles.length + ' single, ' +
+      nMembers + ' in ' + groups.length + ' supernode' + (groups.length === 1 ? '' : 's') + '), ' + links.length +
+      ' links among them (merged per supernode); thresholds do not apply.';
+  }
+  function subEndName(gi, i) { return gi >= 0 ? 'supernode:' + S.sub.groups[gi].name : String(S.nodes[i].node_id); }
+  function updateSubgraphControls() {
+    var b = $('subgraph-toggle');
+    b.textContent = S.subgraph ? 'show full graph' : 'show pinned subgraph';
+    b.setAttribute('aria-pressed', S.subgraph ? 'true' : 'false');
+    document.body.classList.toggle('subgraph-view', S.subgraph);
+    if (!S.subgraph) $('subgraph-note').textContent = '';
+  }
+  function setSubgraph(on) {
+    if (!S.doc) return;
+    S.subgraph = !!on;
+    S.hoverNode = -1;
+    if (S.subgraph) { buildSubgraph(); fitSubgraph(); } else { S.sub = null; fitView(); }
+    updateSubgraphControls();
+    drawNow();
+  }
+  function fitSubgraph() {
+    var xs = [], ys = [];
+    S.sub.singles.forEach(function (i) { xs.push(S.x[i]); ys.push(S.y[i]); });
+    S.sub.groups.forEach(function (g) { xs.push(g.x); ys.push(g.y); });
+    if (!xs.length) { fitView(); return; }
+    var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs);
+    var y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
+    var pad = 90;
+    var k = Math.min((S.width - 2 * pad) / Math.max(1, x1 - x0), (S.height - 2 * pad) / Math.max(1, y1 - y0), 4);
+    k = Math.max(0.02, k);
+    var t = d3.zoomIdentity.translate(S.width / 2 - k * (x0 + x1) / 2, S.height / 2 - k * (y0 + y1) / 2).scale(k);
+    d3.select(canvas).call(S.zoom.transform, t);
+  }
+  function drawSubLinks() {
+    var k = S.transform.k, list = S.sub.links, maxW = S.sub.maxW;
+    for (var i = 0; i < list.length; i++) {
+      var l = list[i];
+      var lvl = Math.sqrt(Math.abs(l.w) / maxW), c = l.w >= 0 ? COLORS.pos : COLORS.neg;
+      ctx.strokeStyle = 'rgba(' + c[0] + ',' + c[1] + ',' + c[2] + ',' + (0.3 + 0.6 * lvl) + ')';
+      ctx.lineWidth = (0.8 + 4 * lvl) / k;
+      ctx.beginPath();
+      ctx.moveTo(l.x1, l.y1);
+      ctx.lineTo(l.x2, l.y2);
+      ctx.stroke();
+    }
+  }
+  function drawSubLabels() {
+    var t = S.transform;
+    ctx.font = '11px system-ui, sans-serif';
+    ctx.textBaseline = 'middle';
+    // the single nodes' labels
+    ctx.fillStyle = '#333';
+    S.sub.singles.forEach(function (i) {
+      var lbl = nodeLabel(i);
+      if (lbl.length > 40) lbl = lbl.slice(0, 39) + '\u2026';
+      ctx.fillText(lbl, t.applyX(S.x[i]) + S.r[i] * t.k + 6, t.applyY(S.y[i]));
+    });
+    // supernodes: a pill at the mean position of the members
+    ctx.font = '600 12px system-ui, sans-serif';
+    S.sub.groups.forEach(function (g) {
+      var text = g.name.length > 48 ? g.name.slice(0, 47) + '\u2026' : g.name;
+      text += ' (' + g.members.length + ')';
+      var w = ctx.measureText(text).width + 16, h = 22;
+      var x = t.applyX(g.x) - w / 2, y = t.applyY(g.y) - h / 2, rad = h / 2;
+      ctx.beginPath();
+      ctx.moveTo(x + rad, y);
+      ctx.arcTo(x + w, y, x + w, y + h, rad);
+      ctx.arcTo(x + w, y + h, x, y + h, rad);
+      ctx.arcTo(x, y + h, x, y, rad);
+      ctx.arcTo(x, y, x + w, y, rad);
+      ctx.closePath();
+      ctx.fillStyle = '#fde7c4';
+      ctx.fill();
+      ctx.lineWidth = 2;
+      ctx.strokeStyle = '#c26a00';
+      ctx.stroke();
+      ctx.fillStyle = '#1d1d1f';
+      ctx.textAlign = 'center';
+      ctx.fillText(text, x + w / 2, y + h / 2 + 0.5);
+      ctx.textAlign = 'start';
+    });
   }
 
   // ------------------------------------------------------------------------- events
@@ -1187,7 +1345,8 @@
     $('edge-threshold').addEventListener('input', function (ev) {
       S.edgeQ = Number(ev.target.value) / 100; updateThresholdLabels(); if (S.doc) { applyThresholds(); requestDraw(); }
     });
-    $('reset-view').onclick = function () { if (S.doc) fitView(); };
+    $('reset-view').onclick = function () { if (S.doc) { if (S.subgraph) fitSubgraph(); else fitView(); } };
+    $('subgraph-toggle').onclick = function () { setSubgraph(!S.subgraph); };
     $('make-supernode').onclick = makeSupernode;
     $('save-annotations').onclick = saveAnnotations;
     window.addEventListener('resize', function () { if (S.doc) { resize(); requestDraw(); } });
@@ -1200,8 +1359,36 @@
     var i = S.idIndex.get(String(id));
     if (i === undefined) return null;
     var b = canvas.getBoundingClientRect();
-    return { x: b.left + S.transform.applyX(S.x[i]), y: b.top + S.transform.applyY(S.y[i]), visible: !!S.visibleNode[i] };
+    return { x: b.left + S.transform.applyX(S.x[i]), y: b.top + S.transform.applyY(S.y[i]), visible: !!drawnNodes()[i] };
   };
+  // what the graph view draws: the single nodes' ids, the supernodes (name, member ids)
+  // and the links (in the subgraph view: merged, with source/target a node id or
+  // "supernode:NAME" and the summed weight)
+  api.visible = function () {
+    if (S.subgraph && S.sub) {
+      return {
+        mode: 'subgraph',
+        nodes: S.sub.singles.map(function (i) { return String(S.nodes[i].node_id); }),
+        groups: S.sub.groups.map(function (g) {
+          return { name: g.name, members: g.members.map(function (i) { return String(S.nodes[i].node_id); }), x: g.x, y: g.y };
+        }),
+        links: S.sub.links.length,
+        linkList: S.sub.links.map(function (l) {
+          return { source: subEndName(l.gs, l.s), target: subEndName(l.gt, l.t), weight: l.w, count: l.count };
+        })
+      };
+    }
+    var ids = [];
+    for (var i = 0; i < S.N; i++) if (S.visibleNode[i]) ids.push(String(S.nodes[i].node_id));
+    return { mode: 'full', nodes: ids, groups: [], links: S.drawnEdges ? S.drawnEdges.length : 0, linkList: null };
+  };
+  api.toggleSubgraph = function (on) { setSubgraph(on === undefined ? !S.subgraph : !!on); return S.subgraph; };
+  api.nodeInfo = function (id) {
+    var i = S.idIndex.get(String(id));
+    if (i === undefined) return null;
+    return { importance: S.importance[i], rank: S.nodeRank[i], r: S.r[i], visible: !!S.visibleNode[i] };
+  };
+  api.importanceSource = function () { return S.importanceSource; };
   api.counts = function () {
     return { nodes: S.N, visibleNodes: S.nVisible, links: S.E, drawnEdges: S.drawnEdges ? S.drawnEdges.length : 0 };
   };
