@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_circuits.errors import TLCircuitsError
-from tl_circuits.graph.budget import select_by_influence
+from tl_circuits.graph.budget import CausalRows, causal_sizes, select_by_influence
 from tl_circuits.graph.causal_adjacency import CausalAdjacency, causal_groups
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import (
@@ -62,19 +62,26 @@ def estimate_memory_bytes(
     element_size: int,
     budgeted: bool = False,
     stored_elements: int | None = None,
+    n_nodes: int | None = None,
 ) -> int:
     """Bytes a build needs beyond the model.
 
-    The stored edges (``stored_elements``, the causal blocks of a full build; default the
-    dense ``n_rows x n_cols``), one batch's reused buffers (the backward
-    workspace, five ``[pos, batch, d_model]``-sized tensors, and the ``[batch, n_cols]``
-    edge rows) and, for a budgeted build, the influence ranking's temporaries and the final
-    adjacency. Decoder rows are gathered per (layer, position) group into one small buffer
-    and not counted.
+    The stored edges (``stored_elements``: the causal blocks of a full build, or of a
+    budgeted build's target rows and visited feature rows; default the dense
+    ``n_rows x n_cols``), one batch's reused buffers (the backward workspace, five
+    ``[pos, batch, d_model]``-sized tensors, and the ``[batch, n_cols]`` edge rows) and,
+    for a budgeted build, the influence ranking's temporaries (the visited-by-visited
+    block, one batch of rows while it is stored, 128 stored rows read at once) and the
+    final ``[n_nodes, n_nodes]`` adjacency (``n_nodes`` default ``n_rows``). Decoder rows
+    are gathered per (layer, position) group into one small buffer and not counted.
     """
     rows = (n_rows * n_cols if stored_elements is None else stored_elements) * element_size
     working = batch * (5 * n_pos * d_model + n_cols) * element_size
-    extra = 2 * n_rows * n_rows * element_size + 128 * n_cols * element_size if budgeted else 0
+    extra = 0
+    if budgeted:
+        nodes = n_rows if n_nodes is None else n_nodes
+        temps = 2 * batch * n_cols + 128 * n_cols  # storing a batch; reading 128 rows
+        extra = (2 * n_rows * n_rows + nodes * nodes + temps) * element_size
     return rows + working + extra
 
 
@@ -207,8 +214,10 @@ def _check_memory(
                 f"free memory of the device), got {memory_limit_bytes!r}"
             )
     stored = None if plan.groups is None else sum(len(r) * len(c) for r, c in plan.groups)
+    worst = _budgeted_stored_elements(plan)
 
     def estimate(budget: int, batch: int, budgeted: bool) -> int:
+        n_other = plan.n_cols - plan.columns.n_features  # errors, tokens, targets
         return estimate_memory_bytes(
             budget + plan.n_targets,
             plan.n_cols,
@@ -218,7 +227,8 @@ def _check_memory(
             ctx.n_layers,
             ctx.compute_dtype.itemsize,
             budgeted=budgeted,
-            stored_elements=None if budgeted else stored,
+            stored_elements=worst(budget) if budgeted else stored,
+            n_nodes=budget + n_other,
         )
 
     need = estimate(plan.budget, batch_size, not plan.full)
@@ -253,6 +263,20 @@ def _check_memory(
         f"this graph needs about {_gib(need)} ({plan.budget} feature rows x {plan.n_cols} "
         f"columns, batch_size {batch_size}) but {against} {_gib(limit)}; " + "; or ".join(knobs)
     )
+
+
+def _budgeted_stored_elements(plan: _Plan):
+    """``budget -> elements``: an upper bound on what a budgeted build stores, the target
+    rows over every column and the ``budget`` feature rows with the largest causal column
+    sets (which rows get visited is not known in advance)."""
+    largest = torch.sort(causal_sizes(plan.columns), descending=True).values
+    cum = torch.cat([torch.zeros(1, dtype=torch.long), largest.cumsum(0)]).tolist()
+    target = plan.n_targets * plan.n_cols
+
+    def worst(budget: int) -> int:
+        return target + cum[min(max(budget, 0), len(largest))]
+
+    return worst
 
 
 def _gib(n_bytes: float) -> str:
@@ -338,26 +362,35 @@ def _budgeted_rows(
     plan: _Plan, passes: _RowPasses, batch_size: int, progress: tqdm
 ) -> tuple[Tensor, Tensor]:
     """The targets' rows, then ``budget`` feature rows chosen by influence as rows arrive
-    (:func:`~tl_circuits.graph.budget.select_by_influence`); returns the dense adjacency
-    over the chosen features, errors, tokens and targets, and the chosen features
-    (ascending)."""
+    (:func:`~tl_circuits.graph.budget.select_by_influence`), each feature row stored over
+    its causal columns only (:class:`~tl_circuits.graph.budget.CausalRows`); returns the
+    dense adjacency over the chosen features, errors, tokens and targets, and the chosen
+    features (ascending)."""
     ctx, n_tgt, n_cols = plan.ctx, plan.n_targets, plan.n_cols
     n_feat, budget = plan.columns.n_features, plan.budget
     dtype, device = ctx.compute_dtype, ctx.embeddings.device
-    rows = torch.zeros(n_tgt + budget, n_cols, dtype=dtype, device=device)
-    rows[:n_tgt] = passes.target_rows(plan.targets)
+    target_rows = passes.target_rows(plan.targets).clone()
     progress.update(n_tgt)
+    store = CausalRows(plan.columns, dtype, device)
     chosen = select_by_influence(
-        rows, n_tgt, n_feat, budget, batch_size, plan.targets, passes.feature_rows, progress
+        store, target_rows, budget, batch_size, plan.targets, passes.feature_rows, progress
     )
     selected, perm = torch.sort(chosen)  # features in (layer, pos, feature) order
-    keep_cols = torch.cat([selected, torch.arange(n_feat, n_cols)])
-    n_nodes = len(keep_cols)
+    n_nodes = budget + n_cols - n_feat
+    # column c -> its node: the selected features in order, then errors, tokens, targets
+    node_of = torch.full((n_cols,), -1, dtype=torch.long, device=device)
+    node_of[selected] = torch.arange(budget, device=device)
+    node_of[n_feat:] = torch.arange(budget, n_nodes, device=device)
+    row_of = torch.empty(budget, dtype=torch.long, device=device)  # visiting slot -> node
+    row_of[perm] = torch.arange(budget, device=device)
     adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype, device=device)
-    kept = rows.index_select(1, keep_cols)  # [n_tgt + budget, n_nodes]: small
-    del rows
-    adjacency[:budget] = kept[n_tgt + perm]
-    adjacency[n_nodes - n_tgt :] = kept[:n_tgt]
+    for slots, cols, _, values in store.items():
+        node = node_of[cols]
+        keep = (node >= 0).nonzero(as_tuple=True)[0]
+        adjacency[row_of[slots][:, None], node[keep][None, :]] = values[:, keep]
+    del store
+    keep_cols = torch.cat([selected, torch.arange(n_feat, n_cols, device=device)])
+    adjacency[n_nodes - n_tgt :] = target_rows.index_select(1, keep_cols)
     return adjacency, selected
 
 
