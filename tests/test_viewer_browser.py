@@ -267,8 +267,7 @@ def test_induction_self_contained(browser, induction_doc, tmp_path):
 
 def test_trace_viewer_html(browser, traced, induction_doc, tmp_path):
     """The viewer.html ``tl-circuits trace`` wrote, from file:// with the network off."""
-    if traced is None:
-        pytest.skip("tl-circuits trace does not write viewer.html yet")
+    assert traced is not None, "tl-circuits trace wrote no viewer.html"
     page = open_file(browser, tmp_path, None, offline=True, html=traced / "viewer.html")
     assert page.evaluate("window.tlViewer.counts().nodes") == len(induction_doc["nodes"])
     check_induction(page, induction_doc)
@@ -606,12 +605,9 @@ def test_served_index_as_is(browser, induction_doc, stand_in_server):
 
 @pytest.fixture()
 def backend_server(traced):
-    try:
-        from tl_circuits.viewer.server import make_server
-    except ImportError:
-        pytest.skip("the backend's server (tl_circuits.viewer.server) does not exist yet")
-    if traced is None:
-        pytest.skip("tl-circuits trace does not write viewer.json yet")
+    from tl_circuits.viewer.server import make_server
+
+    assert traced is not None, "tl-circuits trace wrote no viewer.json"
     srv = make_server(traced, "127.0.0.1", 0)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
