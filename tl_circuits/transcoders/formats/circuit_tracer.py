@@ -18,6 +18,7 @@ from tl_circuits.transcoders.formats.files import (
     CT_CONFIG,
     CT_KINDS,
     CT_MLP_MODULE_OUT,
+    Described,
     FetchUris,
     Options,
     check_non_negative_threshold,
@@ -135,21 +136,14 @@ def load_circuit_tracer(root: Path, options: Options) -> Transcoders:
             raise TranscoderConfigError(f"{config_path}: transcoders must be a list of paths")
         paths = resolve_listed(root, listed, options.fetch_uris)
     model_name = cfg.get("model_name") if isinstance(cfg.get("model_name"), str) else None
-    common = dict(
-        hook_in=hook_in,
-        hook_out=hook_out,
-        module_out=module_out,
-        model_name=model_name,
-        activation=activation,
-        k=k,
-    )
+    described = Described(hook_in, hook_out, module_out, model_name, activation, k)
     if kind == "transcoder_set":
         if paths is None:
             paths = numbered_files(root, _CT_LAYER_FILE, "layer_{}.safetensors", options)
-        return _per_layer_set(paths, options, **common)
+        return _per_layer_set(paths, options, described)
     if paths is not None:
-        return gs2_clt(paths, options, **common)
-    return _ct_clt(root, options, **common)
+        return gs2_clt(paths, options, described)
+    return _ct_clt(root, options, described)
 
 
 def resolve_listed(root: Path, listed: Sequence[str], fetch_uris: FetchUris) -> list[Path]:
@@ -170,34 +164,28 @@ def resolve_listed(root: Path, listed: Sequence[str], fetch_uris: FetchUris) -> 
 def _per_layer_set(
     paths: Sequence[Path],
     options: Options,
-    *,
-    hook_in: str,
-    hook_out: str,
-    module_out: bool,
-    model_name: str | None,
-    activation: str | None,
-    k: int | None,
+    described: Described,
 ) -> TranscoderSet:
     saes = []
     for layer, path in enumerate(paths):
         tensors, _ = per_layer_tensors(path)
-        _check_activation(path, activation, "threshold" in tensors)
+        _check_activation(path, described.activation, "threshold" in tensors)
         dtype = options.dtype if options.dtype is not None else tensors["W_enc"].dtype
         saes.append(
             saelens_transcoder(
                 tensors,
-                hook_name=hook_in.format(layer=layer),
-                hook_name_out=hook_out.format(layer=layer),
+                hook_name=described.hook_in.format(layer=layer),
+                hook_name_out=described.hook_out.format(layer=layer),
                 dtype=dtype,
                 device=options.device,
-                model_name=model_name,
+                model_name=described.model_name,
                 fold_ln=False,
                 metadata={SOURCE_HOOK_OUT_KEY: f"blocks.{layer}.{CT_MLP_MODULE_OUT}"}
-                if module_out
+                if described.module_out
                 else None,
             )
         )
-    return TranscoderSet(saes, top_k=k)
+    return TranscoderSet(saes, top_k=described.k)
 
 
 class CircuitTracerCLTReader:
@@ -239,13 +227,7 @@ class CircuitTracerCLTReader:
 def _ct_clt(
     root: Path,
     options: Options,
-    *,
-    hook_in: str,
-    hook_out: str,
-    module_out: bool,
-    model_name: str | None,
-    activation: str | None,
-    k: int | None,
+    described: Described,
 ) -> CrossLayerTranscoder:
     enc_files = numbered_files(root, _CT_ENC_FILE, "W_enc_{}.safetensors", options)
     n_layers = len(enc_files)
@@ -257,19 +239,15 @@ def _ct_clt(
         raise TranscoderConfigError(f"{enc_files[0]}: no 2-d tensor W_enc_0")
     d_sae, d_model = shapes["W_enc_0"]
     has_threshold = "threshold_0" in shapes
-    _check_activation(enc_files[0], activation, has_threshold)
+    _check_activation(enc_files[0], described.activation, has_threshold)
     return make_clt(
         CircuitTracerCLTReader(root),
         options,
         file_dtype,
+        described,
         n_layers=n_layers,
         d_model=d_model,
         d_sae=d_sae,
-        activation=activation or ("jumprelu" if has_threshold else "relu"),
-        top_k=k,
+        activation=described.activation or ("jumprelu" if has_threshold else "relu"),
         skip=False,
-        hook_in=hook_in,
-        hook_out=hook_out,
-        module_out=module_out,
-        model_name=model_name,
     )

@@ -49,6 +49,21 @@ class Options:
     fetch_uris: FetchUris = hub.download_uris
 
 
+@dataclass(frozen=True)
+class Described:
+    """What a folder's config says about its dictionaries: the TransformerLens hook
+    templates they read and write (``{layer}`` in each), whether the output is the MLP
+    module's own output (circuit-tracer's ``mlp.hook_out``), the model name, and the
+    declared activation (``None``: from the files) with its ``k`` for TopK."""
+
+    hook_in: str
+    hook_out: str
+    module_out: bool = False
+    model_name: str | None = None
+    activation: str | None = None
+    k: int | None = None
+
+
 # ---- file helpers ------------------------------------------------------------------------
 
 
@@ -219,36 +234,33 @@ def make_clt(
     reader: Any,
     options: Options,
     file_dtype: torch.dtype,
+    described: Described,
     *,
     n_layers: int,
     d_model: int,
     d_sae: int,
     activation: str,
-    top_k: int | None,
     skip: bool,
-    hook_in: str,
-    hook_out: str,
-    module_out: bool,
-    model_name: str | None,
 ) -> CrossLayerTranscoder:
     """A CrossLayerTranscoder that reads its layers through ``reader`` (every layer now,
-    and checked, unless ``options.lazy``)."""
+    and checked, unless ``options.lazy``); ``activation`` is the one the files show,
+    ``described`` gives the hooks, model name and TopK ``k``."""
     clt = CrossLayerTranscoder(
         None,
         n_layers=n_layers,
         d_model=d_model,
         d_sae=d_sae,
         activation=activation,  # type: ignore[arg-type]
-        top_k=top_k,
+        top_k=described.k,
         skip=skip,
-        input_hook=hook_in,
-        output_hook=hook_out,
+        input_hook=described.hook_in,
+        output_hook=described.hook_out,
         fold_ln=False,
-        model_name=model_name,
+        model_name=described.model_name,
         reader=reader,
         dtype=options.dtype if options.dtype is not None else file_dtype,
         device=options.device,
-        output_is_mlp_module_out=module_out,
+        output_is_mlp_module_out=described.module_out,
     )
     if not options.lazy:
         for layer in range(n_layers):

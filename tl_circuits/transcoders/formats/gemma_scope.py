@@ -20,6 +20,7 @@ from tl_circuits.transcoders.formats.files import (
     GS2_CLT_FILE,
     GS2_CONFIG,
     GS2_PARAMS,
+    Described,
     Options,
     expect_tensors,
     make_clt,
@@ -167,13 +168,7 @@ def _gs2_clt_header(paths: Sequence[Path]) -> tuple[int, int, bool, torch.dtype]
 def gs2_clt(
     paths: Sequence[Path],
     options: Options,
-    *,
-    hook_in: str,
-    hook_out: str,
-    module_out: bool,
-    model_name: str | None,
-    activation: str | None,
-    k: int | None,
+    described: Described,
 ) -> CrossLayerTranscoder:
     """A Gemma Scope 2 CLT from the layer files a circuit-tracer config lists."""
     if options.n_layers is not None and len(paths) != options.n_layers:
@@ -185,22 +180,18 @@ def gs2_clt(
         if not path.is_file():
             raise FileNotFoundError(f"{path}: CLT layer file missing")
     d_model, d_sae, skip, dtype = _gs2_clt_header(paths)
-    if activation not in (None, "jumprelu"):
+    if described.activation not in (None, "jumprelu"):
         raise TranscoderConfigError(f"{paths[0]}: Gemma Scope 2 CLTs are JumpReLU")
     return make_clt(
         GemmaScope2CLTReader(paths),
         options,
         dtype,
+        described,
         n_layers=len(paths),
         d_model=d_model,
         d_sae=d_sae,
         activation="jumprelu",
-        top_k=None,
         skip=skip,
-        hook_in=hook_in,
-        hook_out=hook_out,
-        module_out=module_out,
-        model_name=model_name,
     )
 
 
@@ -211,13 +202,4 @@ def gs2_clt_from_folder(root: Path, options: Options) -> CrossLayerTranscoder:
     _, hook_in, hook_out = _gs2_hooks(config_path, cfg)
     paths = numbered_files(root, GS2_CLT_FILE, "params_layer_{}.safetensors", options)
     name = cfg.get("model_name") if isinstance(cfg.get("model_name"), str) else None
-    return gs2_clt(
-        paths,
-        options,
-        hook_in=hook_in,
-        hook_out=hook_out,
-        module_out=False,
-        model_name=name,
-        activation=None,
-        k=None,
-    )
+    return gs2_clt(paths, options, Described(hook_in, hook_out, model_name=name))
