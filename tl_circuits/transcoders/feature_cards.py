@@ -13,6 +13,7 @@ a sequence); its ``max_pos`` is the index of the maximum inside that list (the l
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,21 +179,9 @@ def top_activating_contexts(
     n_seq, seq_len = tokens.shape
     tokens = tokens.long().cpu()
 
-    best_act = {
-        m: torch.full((k, transcoders.d_sae(m)), -torch.inf, dtype=torch.float32) for m in layers
-    }
-    best_flat = {m: torch.full((k, transcoders.d_sae(m)), -1, dtype=torch.long) for m in layers}
-    for start, acts in _batches(model, transcoders, tokens, layers, batch_size):
-        for m in layers:
-            a = acts[m].reshape(-1, acts[m].shape[-1])  # [b * seq, d]
-            flat = torch.arange(a.shape[0]) + start * seq_len
-            cand_act = torch.cat([best_act[m], a])
-            cand_flat = torch.cat([best_flat[m], flat[:, None].expand_as(a)])
-            top = cand_act.topk(min(k, cand_act.shape[0]), dim=0, sorted=True).indices
-            best_act[m] = cand_act.gather(0, top)
-            best_flat[m] = cand_flat.gather(0, top)
-
-    seq_of, pos_of, max_act, win_tok, win_act = {}, {}, {}, {}, {}
+    batches = functools.partial(_batches, model, transcoders, tokens, layers, batch_size)
+    best_act, best_flat = _rank_positions(batches, transcoders, layers, k, seq_len)
+    seq_of, pos_of, max_act, win_tok = {}, {}, {}, {}
     offsets = torch.arange(window) - (window - 1)  # [-window+1 .. 0]
     for m in layers:
         used = best_act[m] > 0
@@ -204,22 +193,7 @@ def top_activating_contexts(
         valid = (win_pos >= 0) & (seq_of[m][..., None] >= 0)
         s_idx = seq_of[m][..., None].clamp(min=0).expand_as(win_pos)
         win_tok[m] = torch.where(valid, tokens[s_idx, win_pos.clamp(min=0)], -1)
-        win_act[m] = torch.zeros(win_pos.shape, dtype=torch.float32)
-    # second pass: the activations over each window
-    for start, acts in _batches(model, transcoders, tokens, layers, batch_size):
-        stop = start + acts[layers[0]].shape[0]
-        for m in layers:
-            d = acts[m].shape[-1]
-            s = seq_of[m]
-            here = (s >= start) & (s < stop)
-            if not here.any():
-                continue
-            f_idx, j_idx = here.nonzero(as_tuple=True)
-            wp = pos_of[m][f_idx, j_idx][:, None] + offsets  # [n, window]
-            ok = wp >= 0
-            local = (s[f_idx, j_idx] - start)[:, None].expand_as(wp)
-            vals = acts[m][local, wp.clamp(min=0), f_idx[:, None].expand_as(wp).clamp(max=d - 1)]
-            win_act[m][f_idx, j_idx] = torch.where(ok, vals, 0.0)
+    win_act = _window_activations(batches, layers, seq_of, pos_of, offsets)
     info = {
         "n_seq": int(n_seq),
         "seq_len": int(seq_len),
@@ -235,6 +209,56 @@ def top_activating_contexts(
         acts=[win_act[m] for m in layers],
         info=info,
     )
+
+
+def _rank_positions(
+    batches: Any, transcoders: Transcoders, layers: list[int], k: int, seq_len: int
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """First pass: per layer, the ``k`` largest activations of every feature ``[k, d]``
+    and their flat positions ``seq * seq_len + pos``."""
+    best_act = {
+        m: torch.full((k, transcoders.d_sae(m)), -torch.inf, dtype=torch.float32) for m in layers
+    }
+    best_flat = {m: torch.full((k, transcoders.d_sae(m)), -1, dtype=torch.long) for m in layers}
+    for start, acts in batches():
+        for m in layers:
+            a = acts[m].reshape(-1, acts[m].shape[-1])  # [b * seq, d]
+            flat = torch.arange(a.shape[0]) + start * seq_len
+            cand_act = torch.cat([best_act[m], a])
+            cand_flat = torch.cat([best_flat[m], flat[:, None].expand_as(a)])
+            top = cand_act.topk(min(k, cand_act.shape[0]), dim=0, sorted=True).indices
+            best_act[m] = cand_act.gather(0, top)
+            best_flat[m] = cand_flat.gather(0, top)
+    return best_act, best_flat
+
+
+def _window_activations(
+    batches: Any,
+    layers: list[int],
+    seq_of: dict[int, Tensor],
+    pos_of: dict[int, Tensor],
+    offsets: Tensor,
+) -> dict[int, Tensor]:
+    """Second pass: each feature's activations over the window ending at each of its top
+    positions, ``[d, k, window]`` per layer (0 outside the sequence)."""
+    win_act = {
+        m: torch.zeros((*seq_of[m].shape, len(offsets)), dtype=torch.float32) for m in layers
+    }
+    for start, acts in batches():
+        stop = start + acts[layers[0]].shape[0]
+        for m in layers:
+            d = acts[m].shape[-1]
+            s = seq_of[m]
+            here = (s >= start) & (s < stop)
+            if not here.any():
+                continue
+            f_idx, j_idx = here.nonzero(as_tuple=True)
+            wp = pos_of[m][f_idx, j_idx][:, None] + offsets  # [n, window]
+            ok = wp >= 0
+            local = (s[f_idx, j_idx] - start)[:, None].expand_as(wp)
+            vals = acts[m][local, wp.clamp(min=0), f_idx[:, None].expand_as(wp).clamp(max=d - 1)]
+            win_act[m][f_idx, j_idx] = torch.where(ok, vals, 0.0)
+    return win_act
 
 
 def feature_activations(
