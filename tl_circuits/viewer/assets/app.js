@@ -994,7 +994,8 @@
     }
   }
 
-  function termColumn(title, list, cls) {
+  // one column of signed bars: QK terms (labelled "query · key") or marginals (one id)
+  function valueColumn(title, list, cls, labelOf, idOf) {
     var box = el('div');
     box.appendChild(el('div', 'layer-title', title));
     var ul = el('ul');
@@ -1004,9 +1005,11 @@
     list.forEach(function (t) {
       var li = el('li', cls);
       li.setAttribute('data-value', String(t.value));
+      if (idOf) li.setAttribute('data-id', idOf(t));
       li.appendChild(bar(Number(t.value), maxAbs, 30));
-      var lbl = el('span', 'lbl', componentLabel(t.query) + ' \u00b7 ' + componentLabel(t.key));
-      lbl.title = String(t.query) + ' \u00b7 ' + String(t.key);
+      var names = labelOf(t);
+      var lbl = el('span', 'lbl', names[0]);
+      lbl.title = names[1];
       li.appendChild(lbl);
       li.appendChild(el('span', 'val', fmt(Number(t.value), 3)));
       ul.appendChild(li);
@@ -1014,26 +1017,16 @@
     box.appendChild(ul);
     return box;
   }
-  function marginalColumn(title, list, cls) {
-    var box = el('div');
-    box.appendChild(el('div', 'layer-title', title));
-    var ul = el('ul');
-    var maxAbs = 0;
-    list.forEach(function (t) { maxAbs = Math.max(maxAbs, Math.abs(Number(t.value) || 0)); });
-    if (!list.length) ul.appendChild(el('li', 'note', 'none'));
-    list.forEach(function (t) {
-      var li = el('li', cls);
-      li.setAttribute('data-value', String(t.value));
-      li.setAttribute('data-id', String(t.id));
-      li.appendChild(bar(Number(t.value), maxAbs, 30));
-      var lbl = el('span', 'lbl', componentLabel(t.id));
-      lbl.title = String(t.id);
-      li.appendChild(lbl);
-      li.appendChild(el('span', 'val', fmt(Number(t.value), 3)));
-      ul.appendChild(li);
+  function termColumn(title, list, cls) {
+    return valueColumn(title, list, cls, function (t) {
+      return [componentLabel(t.query) + ' \u00b7 ' + componentLabel(t.key),
+              String(t.query) + ' \u00b7 ' + String(t.key)];
     });
-    box.appendChild(ul);
-    return box;
+  }
+  function marginalColumn(title, list, cls) {
+    return valueColumn(title, list, cls, function (t) {
+      return [componentLabel(t.id), String(t.id)];
+    }, function (t) { return String(t.id); });
   }
   function marginalsFromTerms(terms, side) {
     var m = new Map();
