@@ -257,7 +257,8 @@ def remove_dead_temporaries(directory: Path, target: Callable[[str], bool]) -> N
                 os.unlink(directory / name)
 
 
-_SAFETENSORS_DTYPES = {
+#: safetensors' dtype code of each torch dtype name
+SAFETENSORS_CODES = {
     "float64": "F64",
     "float32": "F32",
     "float16": "F16",
@@ -289,7 +290,7 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
     offset = 0
     for name in names:
         t = owned[name]
-        code = _SAFETENSORS_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        code = SAFETENSORS_CODES.get(str(t.dtype).removeprefix("torch."))
         if code is None:
             raise TLCircuitsError(f"cannot write tensor {name!r} of dtype {t.dtype} to {path}")
         nbytes = t.numel() * t.element_size()

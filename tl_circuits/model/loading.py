@@ -16,12 +16,38 @@ from tl_circuits.errors import PretrainedError
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-DTYPES = {
+#: dtype names accepted wherever a dtype may be given as a string
+DTYPE_NAMES = {
     "float32": torch.float32,
-    "float64": torch.float64,
+    "float": torch.float32,
+    "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
     "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "double": torch.float64,
 }
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a torch dtype or a name (``"float32"``, ``"bfloat16"``,
+    ``"float16"``, ``"float64"``, with or without ``torch.``); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.lower().removeprefix("torch.")
+        if name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+    raise PretrainedError(
+        f"unknown dtype {dtype!r}; use a torch dtype or one of "
+        "'float32', 'bfloat16', 'float16', 'float64'"
+    )
+
+
+#: the canonical names (command-line choices), each naming one dtype
+DTYPES = {name: DTYPE_NAMES[name] for name in ("float32", "float64", "bfloat16", "float16")}
 
 
 def torch_dtype(dtype: str) -> torch.dtype:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tl_circuits.errors import PretrainedError, TranscoderConfigError
-from tl_circuits.model.loading import load_model
+from tl_circuits.model.loading import load_model, parse_dtype
 from tl_circuits.transcoders import hub, lossy
 from tl_circuits.transcoders.cross_layer import CFG_FILE
 from tl_circuits.transcoders.formats import CT_CONFIG, GS2_CONFIG, Options, load_folder
@@ -47,35 +47,6 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from tl_circuits.transcoders.base import Transcoders
-
-#: dtype names accepted wherever a dtype may be given as a string
-DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A torch dtype from a torch dtype or a name (``"float32"``, ``"bfloat16"``,
-    ``"float16"``, ``"float64"``, with or without ``torch.``); None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.lower().removeprefix("torch.")
-        if name in DTYPE_NAMES:
-            return DTYPE_NAMES[name]
-    raise PretrainedError(
-        f"unknown dtype {dtype!r}; use a torch dtype or one of "
-        "'float32', 'bfloat16', 'float16', 'float64'"
-    )
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tl_circuits.errors import TranscoderConfigError
-from tl_circuits.storage import read_safetensors
+from tl_circuits.storage import SAFETENSORS_CODES, read_safetensors
 from tl_circuits.transcoders import hub
 from tl_circuits.transcoders.base import read_json_object
 from tl_circuits.transcoders.cross_layer import CrossLayerTranscoder
@@ -26,11 +26,10 @@ CT_KINDS = ("transcoder_set", "cross_layer_transcoder")
 #: circuit-tracer's output hook for the MLP module's own output
 CT_MLP_MODULE_OUT = "mlp.hook_out"
 GS2_CLT_FILE = re.compile(r"^params_layer_(\d+)\.safetensors$")
+#: the float dtypes a dictionary file may hold, by safetensors code
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
+    SAFETENSORS_CODES[name]: getattr(torch, name)
+    for name in ("float64", "float32", "float16", "bfloat16")
 }
 
 FetchUris = Callable[[Sequence[str]], Mapping[str, Path]]
