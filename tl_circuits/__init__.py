@@ -4,7 +4,7 @@ and docs/ARCHITECTURE.md for where each stage lives.
 
 The names here are the user-facing API; plumbing stays in its modules
 (``tl_circuits.model``, ``.transcoders``, ``.replacement``, ``.graph``, ``.attention``,
-``.export``).
+``.export``, ``.batch``).
 """
 
 from tl_circuits._version import __version__
@@ -12,6 +12,7 @@ from tl_circuits.attention.heads.loadings import HeadLoadings
 from tl_circuits.attention.qk.attribution import QKAttribution
 from tl_circuits.attention.qk.basis import QKBasis
 from tl_circuits.attention.qk.interventions import QKInterventionResult, intervene_qk
+from tl_circuits.batch import Recurrence, recurrence, trace_many
 from tl_circuits.errors import (
     HeadLoadingError,
     HookError,
@@ -58,6 +59,7 @@ __all__ = [
     "QKBasis",
     "QKError",
     "QKInterventionResult",
+    "Recurrence",
     "ReplacementContext",
     "TLCircuitsError",
     "TrainingConfig",
@@ -73,6 +75,8 @@ __all__ = [
     "intervene_qk",
     "load_pretrained",
     "load_transcoders",
+    "recurrence",
     "steered_generate",
+    "trace_many",
     "train_transcoders",
 ]

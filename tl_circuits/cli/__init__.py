@@ -2,7 +2,8 @@
 
 Commands: ``trace`` (prompt -> attribution graph files and a picture), ``heads`` (head
 loadings of a graph's edges), ``qk`` (QK terms of a head at a query and key positions),
-``serve`` (the interactive viewer for traced graphs), ``train-transcoders`` and ``info``
+``serve`` (the interactive viewer for traced graphs), ``trace-many`` and ``recurrence``
+(many prompts on Ray, and what recurs across their graphs), ``train-transcoders`` and ``info``
 (what the embedded default model contains). With no ``--model`` every command uses the
 embedded default model, so they work offline right after install. ``tl-circuits COMMAND
 --help`` for each.
@@ -14,10 +15,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tl_circuits.cli import heads, info, qk, serve, trace, train
+from tl_circuits.cli import heads, info, many, qk, serve, trace, train
 from tl_circuits.errors import TLCircuitsError
 
-COMMANDS = (trace, heads, qk, serve, train, info)
+COMMANDS = (trace, many, heads, qk, serve, train, info)
 
 EXIT_CODES = """\
 exit status: 0 done; 1 a file could not be read or written (the message names it: an

@@ -7,8 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from tl_circuits.batch.trace import strongest_edges
 from tl_circuits.cli.sources import (
     DEFAULT,
     ModelSource,
@@ -128,12 +127,6 @@ __all__ = [
     "graph_source",
     "load_graph_dir",
     "load_source",
+    "strongest_edges",
 ]
 
-
-def strongest_edges(adjacency: torch.Tensor, k: int) -> torch.Tensor:
-    """``[n, 2]`` (target, source) of the ``k`` largest ``|A|`` entries of ``adjacency``
-    whose target is a feature or target row (error/token rows have no inputs)."""
-    nonzero = adjacency.nonzero()
-    weights = adjacency[nonzero[:, 0], nonzero[:, 1]].abs()
-    return nonzero[torch.argsort(weights, descending=True)[:k]]

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from tl_circuits.cli.options import add_source_options, check_output_dir, strongest_edges
+from tl_circuits.batch.trace import save_trace, strongest_head_loadings
+from tl_circuits.cli.options import add_source_options, check_output_dir
 from tl_circuits.cli.sources import DEFAULT, SourceError, load_source, source_from_args
 
 DESCRIPTION = """\
@@ -108,11 +109,8 @@ def resolve_prompt(args: argparse.Namespace, model_name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tl_circuits.attention.heads.loadings import HeadLoadings
-    from tl_circuits.export.frontend import export_json
     from tl_circuits.export.picture import save_graph_picture
     from tl_circuits.graph import AttributionGraph
-    from tl_circuits.graph.files import graph_id
 
     for name in ("max_features", "head_edges"):
         value = getattr(args, name)
@@ -138,23 +136,10 @@ def run(args: argparse.Namespace) -> int:
     _print_graph(graph)
 
     pruned = graph.prune(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-    loadings = None
-    if args.head_edges > 0:
-        edges = strongest_edges(pruned.adjacency, args.head_edges)
-        if edges.shape[0]:
-            loadings = HeadLoadings.compute(pruned, edges)
+    loadings = strongest_head_loadings(pruned, args.head_edges)
     _print_pruned(pruned, loadings)
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = [graph.save(out / "graph")]
-    # the pruned graph names the full graph it came from: a folder whose graph/ and pruned/
-    # come from different (e.g. interrupted) runs is refused when read back
-    pruned.info["full_graph_id"] = graph_id(graph)
-    written.append(pruned.save(out / "pruned"))
-    if loadings is not None:
-        written.append(loadings.save(out / "pruned"))
-    export_json(pruned, out / "graph.json", head_loadings=loadings)
-    written.append(out / "graph.json")
+    written = save_trace(out, graph, pruned, loadings)
     written += _write_viewer(pruned, loadings, source, out)
     if not args.no_picture:
         written += save_graph_picture(pruned, out / "graph", head_loadings=loadings)
