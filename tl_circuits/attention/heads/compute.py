@@ -2,10 +2,18 @@
 
 Phases of :func:`head_loading_fields`: crossed layers per edge -> *units* (what is
 propagated forward: each distinct source, or each (source, write slot) when splitting by
-write layer) and the (edge, unit) pairs -> for each batch of target rows: one reverse pass
-(:func:`_target_side`), the write values ``v_w . G_w``, then for each batch of units one
-forward pass and one contraction per crossed layer (:func:`_contract_layer`) -> bypass from
-the writes at or after each layer -> the result.
+write layer) and the (edge, unit) pairs -> *chunks* of each side (target rows sorted by
+position, one reverse pass each; units sorted by position and first layer, one forward
+pass each; :mod:`~tl_circuits.attention.heads.sides`) -> the *plan*: which side is held in
+memory batch by batch and which is recomputed for each held batch, whichever costs less
+(:func:`_plan`) -> for each held batch and each chunk of the other side, the contraction
+of every (target chunk, unit chunk) block at every layer its pairs cross -> the write
+values of targets no block needed -> bypass from the writes at or after each layer -> the
+result.
+
+A pair of edge ``e`` (source first writing at layer ``w0``) and unit ``u`` crosses layer
+``m`` exactly when ``unit_start[u] <= m <= top[e]`` (``unit_start >= w0 + 1``, the first
+layer the unit's signal reaches).
 
 What a source writes, and at which slot, is
 :class:`~tl_circuits.replacement.sources.SourceWrites`.
@@ -19,12 +27,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tl_circuits.attention.heads.sides import (
+    EdgeWrites,
+    TargetBlock,
+    UnitBlock,
+    contract,
+    target_block,
+    unit_block,
+)
 from tl_circuits.errors import HeadLoadingError
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import TARGET, TOKEN
 from tl_circuits.replacement.context import ReplacementContext
-from tl_circuits.replacement.frozen import FrozenLinearModel, Seeds
+from tl_circuits.replacement.frozen import BackwardWorkspace
 from tl_circuits.replacement.sources import SourceWrites
+
+#: default caps on target rows per reverse pass and units per forward pass
+TARGET_CHUNK = 256
+UNIT_CHUNK = 128
 
 
 def head_loading_fields(
@@ -39,36 +59,23 @@ def head_loading_fields(
 ) -> dict[str, Tensor]:
     """The fields of the :class:`~tl_circuits.attention.heads.loadings.HeadLoadings` of
     ``edges`` ``[n, 2]`` (checked ``(target, source)`` pairs) of ``graph``, whose
-    replacement context is ``ctx``; batching as in ``HeadLoadings.compute``."""
+    replacement context is ``ctx``; batching as in ``HeadLoadings.compute``: at most
+    ``target_batch`` rows per reverse pass, ``source_batch`` units per forward pass,
+    ``edge_chunk`` edges per gathered write-value product, about ``memory_bytes`` held."""
     lin = ctx.linear
-    n_layers, n_pos, d_model = lin.n_layers, ctx.n_pos, lin.d_model
-    crossed, top = _crossed_layers(graph, edges, n_layers, lin.parallel)
+    crossed, top = _crossed_layers(graph, edges, lin.n_layers, lin.parallel)
     units = _Units.of(ctx, graph, edges, split)
     acc = _Accumulators.zeros(ctx, len(edges), lin.blocks[0].W_O.shape[0], split)
-    targets = torch.unique(edges[:, 0])
-    read = _reading_layer(graph, targets, n_layers)
-    targets = targets[torch.argsort(read, stable=True)]  # low targets stop their pass early
-    element = ctx.compute_dtype.itemsize
-    per_target = (4 * n_layers + 2) * n_pos * d_model * element  # peak, during the pass
-    per_unit = (n_layers + 2) * n_pos * d_model * element
-    # most of the memory to the target side: each target batch forwards its sources again
-    t_batch = _batch_for(memory_bytes * 3 // 4, per_target, target_batch)
-    u_batch = _batch_for(memory_bytes // 8, per_unit, source_batch)
-    for t0 in range(0, len(targets), t_batch):
-        rows = targets[t0 : t0 + t_batch]
-        side = _target_side(lin, ctx, graph, rows.tolist())
-        target_row = torch.full((graph.n_nodes,), -1, dtype=torch.long)
-        target_row[rows] = torch.arange(len(rows))
-        edge_row = target_row[edges[:, 0]]  # row of each edge's target in this batch, or -1
-        _accumulate_write_values(acc, units, side, graph, edges, edge_row)
-        side.post, side.embed = [], side.embed[:0]
-        pairs = (edge_row[units.pair_edge] >= 0).nonzero(as_tuple=True)[0]
-        in_batch = torch.unique(units.pair_unit[pairs])
-        for u0 in range(0, len(in_batch), u_batch):
-            chunk = in_batch[u0 : u0 + u_batch]
-            _forward_and_contract(
-                lin, units, side, acc, chunk, pairs, crossed, top, edge_row, edge_chunk
-            )
+    sides = _Sides.of(ctx, graph, edges, top, units, target_batch, source_batch, memory_bytes)
+    plan = _plan(sides, memory_bytes)
+    run = _Run(ctx, graph, edges, units, sides, acc, edge_chunk)
+    for held in plan.held_batches:
+        blocks = {c: run.compute(plan.held, c) for c in held}
+        for c in plan.streamed_chunks(sides, held):
+            streamed = run.compute(plan.streamed, c)
+            for h, block in blocks.items():
+                run.contract_pair(plan.held, h, block, c, streamed)
+    run.remaining_write_values()
     return _finish(graph, edges, crossed, acc, split)
 
 
@@ -91,11 +98,6 @@ def _reading_layer(graph: AttributionGraph, index: Tensor, n_layers: int) -> Ten
     """Reading layer of target rows ``index`` (``n_layers`` for graph targets)."""
     kind, layer = graph.nodes.kind.cpu(), graph.nodes.layer.cpu()
     return torch.where(kind[index] == TARGET, n_layers, layer[index])
-
-
-def _batch_for(budget_bytes: int, per_item_bytes: int, cap: int | None) -> int:
-    n = max(1, budget_bytes // max(1, per_item_bytes))
-    return n if cap is None else min(n, cap)
 
 
 @dataclass
@@ -142,7 +144,9 @@ class _Units:
             unit_source = torch.arange(len(sources))
             unit_slot = torch.full_like(unit_source, -1)
         unit_start = torch.where(unit_slot >= 0, unit_slot, writes.first_slot[unit_source])
-        order = torch.argsort(unit_start, stable=True)  # a forward chunk starts late
+        # by (position, first layer): a forward chunk starts late and skips early positions
+        key = writes.pos[unit_source] * (writes.n_slots + 1) + unit_start
+        order = torch.argsort(key, stable=True)
         unit_slot, unit_source, unit_start = unit_slot[order], unit_source[order], unit_start[order]
         if split:
             unit_of = torch.full(has.shape, -1, dtype=torch.long)  # [slot, source] -> unit
@@ -196,154 +200,277 @@ class _Accumulators:
 
 
 @dataclass
-class _TargetSide:
-    """Per-layer target gradients of one batch of target rows, ready for contraction."""
+class _Chunks:
+    """One side cut into chunks (one pass each): chunk ``c`` holds the items
+    ``order[bounds[c] : bounds[c + 1]]`` (target nodes, or units); ``nbytes[c]``: what its
+    block holds; ``work[c]``: its pass's cost in (row x layer x position) steps;
+    ``first_pos[c]``, ``start[c]``, ``stop[c]``: the positions and layers it spans."""
 
-    gv: list[Tensor]  # [heads, T, pos * d_head]: attention adjoint up to W_V
-    gb: list[Tensor]  # [T, pos * d_model]: bypass gradient
-    post: list[Tensor]  # [T, pos, d_model]: gradient on mlp_out(w) (write values)
-    embed: Tensor  # [T, pos, d_model]: gradient on the embeddings
+    order: Tensor
+    bounds: list[int]
+    nbytes: list[int]
+    work: list[int]
+    first_pos: list[int]
+    start: list[int]
+    stop: list[int]
+
+    def __len__(self) -> int:
+        return len(self.nbytes)
+
+    def items(self, c: int) -> Tensor:
+        return self.order[self.bounds[c] : self.bounds[c + 1]]
+
+    def chunk_of(self, n_items: int) -> tuple[Tensor, Tensor]:
+        """``[n_items]``: each item's chunk (-1: in none) and its row in that chunk."""
+        chunk = torch.full((n_items,), -1, dtype=torch.long)
+        row = torch.full((n_items,), -1, dtype=torch.long)
+        for c in range(len(self)):
+            items = self.items(c)
+            chunk[items] = c
+            row[items] = torch.arange(len(items))
+        return chunk, row
 
 
-def _target_side(
-    lin: FrozenLinearModel, ctx: ReplacementContext, graph: AttributionGraph, rows: list[int]
-) -> _TargetSide:
-    """Reverse pass of the target rows ``rows`` (node indices) with every residual
-    gradient a loading needs (``bypass`` gradient: module docstring of
-    :mod:`~tl_circuits.attention.heads.loadings`)."""
-    nodes = graph.nodes
-    dtype, device = ctx.compute_dtype, ctx.embeddings.device
-    batch, n_pos, d_model = len(rows), ctx.n_pos, lin.d_model
-    first_target = int(graph.indices("target")[0]) if graph.nodes.count("target") else 0
-    seeds: dict[int, Tensor] = {}
-    final_seed = None
-    for i, t in enumerate(rows):
-        if int(nodes.kind[t]) == TARGET:
-            target = graph.targets[t - first_target]
-            if final_seed is None:
-                final_seed = torch.zeros(batch, n_pos, d_model, dtype=dtype, device=device)
-            final_seed[i, target.pos] = target.vector.to(device, dtype)
+def _cut(
+    order: Tensor,
+    span: tuple[Tensor, Tensor, Tensor, Tensor],
+    row_bytes: int,
+    cap: int,
+    budget: int,
+) -> _Chunks:
+    """Cut ``order`` into consecutive chunks of at most ``cap`` items whose block stays
+    within ``budget`` bytes. ``span``: each item's first and end position and first and
+    last layer (``[n]`` each, by item); a chunk spans their extremes and holds
+    ``rows x layers x positions x row_bytes``."""
+    pos_lo, pos_hi, lay_lo, lay_hi = (t[order].tolist() for t in span)
+    bounds, nbytes, work, first, start, stop = [0], [], [], [], [], []
+    i, n = 0, len(order)
+    while i < n:
+        p0, p1, l0, l1, j = pos_lo[i], pos_hi[i], lay_lo[i], lay_hi[i], i + 1
+        while j < n and j - i < cap:
+            q0, q1 = min(p0, pos_lo[j]), max(p1, pos_hi[j])
+            k0, k1 = min(l0, lay_lo[j]), max(l1, lay_hi[j])
+            if (j + 1 - i) * (q1 - q0) * max(0, k1 - k0 + 1) * row_bytes > budget:
+                break
+            p0, p1, l0, l1, j = q0, q1, k0, k1, j + 1
+        steps = (j - i) * (p1 - p0) * max(0, l1 - l0 + 1)
+        bounds.append(j)
+        nbytes.append(steps * row_bytes)
+        work.append(steps)
+        first.append(p0)
+        start.append(l0)
+        stop.append(l1)
+        i = j
+    return _Chunks(order, bounds, nbytes, work, first, start, stop)
+
+
+@dataclass
+class _Sides:
+    """Both sides in chunks and the pair blocks joining them.
+
+    ``targets``: chunks of target nodes, sorted by (position, last crossed layer);
+    ``units``: chunks of the units that cross a layer, in :class:`_Units` order.
+    ``pairs[(a, b)]``: the (edge, unit) pairs with their target in target chunk ``a`` and
+    their unit in unit chunk ``b`` that cross at least one layer; ``target_row[node]`` /
+    ``unit_row[unit]``: the row in its chunk; ``target_chunk[node]``: its chunk;
+    ``top[e]``: edge ``e``'s last crossed layer."""
+
+    targets: _Chunks
+    units: _Chunks
+    pairs: dict[tuple[int, int], Tensor]
+    target_row: Tensor
+    unit_row: Tensor
+    target_chunk: Tensor
+    top: Tensor
+
+    @classmethod
+    def of(
+        cls,
+        ctx: ReplacementContext,
+        graph: AttributionGraph,
+        edges: Tensor,
+        top: Tensor,
+        units: _Units,
+        target_batch: int | None,
+        source_batch: int | None,
+        memory_bytes: int,
+    ) -> _Sides:
+        lin, n_pos, n_nodes = ctx.linear, ctx.n_pos, graph.n_nodes
+        width = lin.blocks[0].W_O.shape[0] * lin.blocks[0].W_O.shape[1]  # H * d_head
+        row_bytes = (width + lin.d_model) * ctx.compute_dtype.itemsize
+        node_top = torch.full((n_nodes,), -1, dtype=torch.long)
+        node_top[edges[:, 0]] = top
+        pos = graph.nodes.pos.cpu()
+        t_nodes = torch.unique(edges[:, 0])
+        t_order = t_nodes[torch.argsort(pos[t_nodes] * (lin.n_layers + 1) + node_top[t_nodes])]
+        zeros = torch.zeros(n_nodes, dtype=torch.long)
+        t_span = (zeros, pos + 1, zeros, node_top)
+        budget = memory_bytes // 8  # one chunk's block
+        targets = _cut(t_order, t_span, row_bytes, target_batch or TARGET_CHUNK, budget)
+        pair_top = top[units.pair_edge]
+        crossing = units.unit_start[units.pair_unit] <= pair_top
+        n_units = len(units.unit_source)
+        u_stop = torch.full((n_units,), -1, dtype=torch.long)
+        u_stop.scatter_reduce_(0, units.pair_unit[crossing], pair_top[crossing], "amax")
+        u_order = (u_stop >= 0).nonzero(as_tuple=True)[0]  # in _Units order already
+        u_pos = units.writes.pos[units.unit_source]
+        u_span = (u_pos, torch.full_like(u_pos, n_pos), units.unit_start, u_stop)
+        unit_chunks = _cut(u_order, u_span, row_bytes, source_batch or UNIT_CHUNK, budget)
+        target_chunk, target_row = targets.chunk_of(n_nodes)
+        unit_chunk, unit_row = unit_chunks.chunk_of(n_units)
+        kept = crossing.nonzero(as_tuple=True)[0]
+        key = target_chunk[edges[units.pair_edge[kept], 0]] * len(unit_chunks)
+        key = key + unit_chunk[units.pair_unit[kept]]
+        order = torch.argsort(key, stable=True)
+        blocks, counts = torch.unique_consecutive(key[order], return_counts=True)
+        pairs = {
+            divmod(int(b), len(unit_chunks)): p
+            for b, p in zip(blocks.tolist(), kept[order].split(counts.tolist()), strict=True)
+        }
+        return cls(targets, unit_chunks, pairs, target_row, unit_row, target_chunk, top)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which side is held (``held``: "target" or "unit"), in which batches of its chunks;
+    the other side is streamed chunk by chunk for each held batch."""
+
+    held: str
+    held_batches: list[list[int]]
+
+    @property
+    def streamed(self) -> str:
+        return "unit" if self.held == "target" else "target"
+
+    def streamed_chunks(self, sides: _Sides, batch: list[int]) -> list[int]:
+        """The streamed side's chunks that share a pair block with a chunk of ``batch``."""
+        mine = set(batch)
+        at = 0 if self.held == "target" else 1
+        return sorted({key[1 - at] for key in sides.pairs if key[at] in mine})
+
+
+def _plan(sides: _Sides, memory_bytes: int) -> _Plan:
+    """Hold the side whose batches (within 3/4 of ``memory_bytes``) make the total work
+    least: held work once plus the streamed side's work once per held batch."""
+    batches = {
+        name: _batches(chunks.nbytes, memory_bytes * 3 // 4)
+        for name, chunks in (("target", sides.targets), ("unit", sides.units))
+    }
+    work = {"target": sum(sides.targets.work), "unit": sum(sides.units.work)}
+    cost = {
+        "target": work["target"] + len(batches["target"]) * work["unit"],
+        "unit": work["unit"] + len(batches["unit"]) * work["target"],
+    }
+    held = min(cost, key=lambda name: (cost[name], name != "target"))
+    return _Plan(held, batches[held])
+
+
+def _batches(nbytes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive chunks grouped while their blocks fit in ``budget`` together."""
+    out: list[list[int]] = []
+    total = budget + 1
+    for c, size in enumerate(nbytes):
+        if out and total + size <= budget:
+            out[-1].append(c)
+            total += size
         else:
-            layer, pos = int(nodes.layer[t]), int(nodes.pos[t])
-            if layer not in seeds:
-                seeds[layer] = torch.zeros(batch, n_pos, d_model, dtype=dtype, device=device)
-            w_enc = ctx.transcoders.encoder(layer).W_enc[:, int(nodes.feature[t])]
-            seeds[layer][i, pos] = w_enc.to(device, dtype)
-    grads = lin.backward_residuals(Seeds(x_in=seeds, final=final_seed), batch)
-    gv, gb = [], []
-    for block, g in zip(lin.blocks, grads.attn_out, strict=True):
-        gz = torch.einsum("bqd,hed->bqhe", block.post_attn.adjoint(g), block.W_O)
-        v = torch.einsum("hqk,bqhe->hbke", block.pattern, gz)
-        gv.append(v.reshape(v.shape[0], batch, -1))
-        if block.parallel and block.W_skip is not None:
-            g = g + block.mlp_in.adjoint(g @ block.W_skip)
-        gb.append(g.reshape(batch, -1))
-    return _TargetSide(gv, gb, grads.post, grads.embed)
+            out.append([c])
+            total = size
+    return out
 
 
-def _accumulate_write_values(
-    acc: _Accumulators,
-    units: _Units,
-    side: _TargetSide,
-    graph: AttributionGraph,
-    edges: Tensor,
-    edge_row: Tensor,
-) -> None:
-    """``values_by_write[e, j] = v_j . G_j`` at the source's position, for the edges whose
-    target is in this batch (``edge_row >= 0``)."""
-    pos_of = graph.nodes.pos.cpu()
-    device = acc.loadings.device
-    in_batch = edge_row >= 0
-    for j in range(units.writes.n_slots):
-        e = (in_batch & units.writes.writes[j, units.edge_source]).nonzero(as_tuple=True)[0]
-        if len(e) == 0:
-            continue
-        v = units.writes.vectors(j, units.edge_source[e])
-        g = side.embed if j == 0 else side.post[j - 1]
-        g_at = g[edge_row[e].to(device), pos_of[edges[e, 1]].to(device)]
-        acc.values_by_write[e.to(device), j] = (v * g_at).sum(-1)
+class _Run:
+    """The passes and contractions of one computation, filling ``acc``."""
 
+    def __init__(
+        self,
+        ctx: ReplacementContext,
+        graph: AttributionGraph,
+        edges: Tensor,
+        units: _Units,
+        sides: _Sides,
+        acc: _Accumulators,
+        edge_chunk: int,
+    ) -> None:
+        self.ctx, self.graph, self.edges, self.units = ctx, graph, edges, units
+        self.sides, self.acc, self.edge_chunk = sides, acc, edge_chunk
+        widest = max(len(sides.targets.items(c)) for c in range(len(sides.targets)))
+        self.workspace = BackwardWorkspace(
+            ctx.linear, widest, ctx.n_pos, ctx.compute_dtype, ctx.embeddings.device
+        )
+        self.valued: set[int] = set()  # target chunks whose write values are in acc
 
-def _forward_and_contract(
-    lin: FrozenLinearModel,
-    units: _Units,
-    side: _TargetSide,
-    acc: _Accumulators,
-    chunk: Tensor,
-    pairs: Tensor,
-    crossed: Tensor,
-    top: Tensor,
-    edge_row: Tensor,
-    edge_chunk: int,
-) -> None:
-    """One forward pass of the units ``chunk`` and, at every layer one of their pairs
-    crosses, the contraction of their contributions with the batch's target gradients."""
-    n_units = len(chunk)
-    start = max(int(units.unit_start[chunk].min()), 0)
-    embed, writes = units.writes.residual_inputs(
-        torch.arange(n_units),
-        units.unit_source[chunk],
-        n_units,
-        slot=units.unit_slot[chunk],
-    )
-    unit_row = torch.full((len(units.unit_source),), -1, dtype=torch.long)
-    unit_row[chunk] = torch.arange(n_units)
-    chunk_pairs = pairs[unit_row[units.pair_unit[pairs]] >= 0]
-    pair_top = top[units.pair_edge[chunk_pairs]]  # last crossed layer of each pair
-    stop = int(pair_top.max()) if len(pair_top) else lin.n_layers - 1
-    resid = lin.forward_residuals(writes, embed, start=start, stop=stop)
-    pair_start = units.unit_start[units.pair_unit]
-    for m in range(start, stop + 1):
-        at_m = chunk_pairs[
-            crossed[units.pair_edge[chunk_pairs], m] & (pair_start[chunk_pairs] <= m)
-        ]
-        if len(at_m):
-            _contract_layer(
-                lin, m, resid[m], side, acc, units, at_m, unit_row, edge_row, edge_chunk
-            )
+    def compute(self, side: str, c: int) -> TargetBlock | UnitBlock:
+        """The block of chunk ``c`` of ``side`` ("target": a reverse pass, reading the
+        chunk's write values the first time; "unit": a forward pass)."""
+        if side == "target":
+            chunks = self.sides.targets
+            writes = None if c in self.valued else self._edge_writes(c)
+            self.valued.add(c)
+            rows = chunks.items(c).tolist()
+            return target_block(self.ctx, self.graph, rows, chunks.stop[c], writes, self.workspace)
+        chunks, u = self.sides.units, self.sides.units.items(c)
+        return unit_block(
+            self.ctx,
+            self.units.writes,
+            self.units.unit_source[u],
+            self.units.unit_slot[u],
+            chunks.start[c],
+            chunks.stop[c],
+            chunks.first_pos[c],
+        )
 
+    def _edge_writes(self, c: int) -> EdgeWrites:
+        """The write values' inputs for the edges whose target is in target chunk ``c``."""
+        sides, units = self.sides, self.units
+        e = (sides.target_chunk[self.edges[:, 0]] == c).nonzero(as_tuple=True)[0]
+        source = units.edge_source[e]
+        return EdgeWrites(
+            writes=units.writes,
+            edge=e,
+            row=sides.target_row[self.edges[e, 0]],
+            source=source,
+            pos=units.writes.pos[source],
+            values=self.acc.values_by_write,
+            chunk=self.edge_chunk,
+        )
 
-def _contract_layer(
-    lin: FrozenLinearModel,
-    m: int,
-    x: Tensor,
-    side: _TargetSide,
-    acc: _Accumulators,
-    units: _Units,
-    pairs: Tensor,
-    unit_row: Tensor,
-    edge_row: Tensor,
-    edge_chunk: int,
-) -> None:
-    """Add ``loading[m, h] = sum_pos g_m . Attn_{m,h}(x_m)`` and the attention bypass
-    ``sum_pos g_m . x_m`` of the (edge, unit) ``pairs`` at layer ``m``; ``x``: the units'
-    contributions to ``resid_pre(m)`` ``[U, pos, d_model]``."""
-    block = lin.blocks[m]
-    n_heads, n_units, device = block.W_O.shape[0], x.shape[0], acc.loadings.device
-    vx = torch.einsum("bkm,hme->hbke", block.ln1.forward_linear(x), block.W_V)
-    vx = vx.reshape(n_heads, n_units, -1)
-    xf = x.reshape(n_units, -1)
-    t_rows = edge_row[units.pair_edge[pairs]]
-    u_rows = unit_row[units.pair_unit[pairs]]
-    dense = 4 * len(pairs) >= int(side.gb[m].shape[0]) * n_units
-    if dense:
-        lo_all = torch.bmm(side.gv[m], vx.transpose(1, 2))  # [H, T, U]
-        by_all = side.gb[m] @ xf.T  # [T, U]
-    for c0 in range(0, len(pairs), edge_chunk):
-        ti = t_rows[c0 : c0 + edge_chunk].to(device)
-        ui = u_rows[c0 : c0 + edge_chunk].to(device)
-        if dense:
-            lo, by = lo_all[:, ti, ui].T, by_all[ti, ui]
-        else:
-            lo = (side.gv[m][:, ti] * vx[:, ui]).sum(-1).T  # [n, H]
-            by = (side.gb[m][ti] * xf[ui]).sum(-1)
-        e = units.pair_edge[pairs[c0 : c0 + edge_chunk]].to(device)
-        acc.loadings[:, m].index_add_(0, e, lo)
-        acc.attn_bypass[:, m].index_add_(0, e, by)
-        if acc.loadings_by_write is not None and acc.bypass_by_write is not None:
-            j = units.pair_slot[pairs[c0 : c0 + edge_chunk]].to(device)
-            acc.loadings_by_write[e, j, m] += lo
-            acc.bypass_by_write[e, j, m] += by
+    def contract_pair(self, held: str, h: int, h_block: Any, c: int, s_block: Any) -> None:
+        """Contract the pair block of held chunk ``h`` and streamed chunk ``c`` at every
+        layer its pairs cross, adding into the accumulators."""
+        a, b, tb, ub = (h, c, h_block, s_block) if held == "target" else (c, h, s_block, h_block)
+        pairs = self.sides.pairs.get((a, b))
+        if pairs is None:
+            return
+        units, acc = self.units, self.acc
+        edge, unit = units.pair_edge[pairs], units.pair_unit[pairs]
+        lo, hi = units.unit_start[unit], self.sides.top[edge]
+        t_rows = self.sides.target_row[self.edges[edge, 0]]
+        u_rows = self.sides.unit_row[unit]
+        device = acc.loadings.device
+        for m in range(int(lo.min()), int(hi.max()) + 1):
+            at = ((lo <= m) & (hi >= m)).nonzero(as_tuple=True)[0]
+            if len(at) == 0:
+                continue
+            loading, bypass = contract(tb, ub, m, t_rows[at], u_rows[at])
+            e = edge[at].to(device)
+            acc.loadings[:, m].index_add_(0, e, loading)
+            acc.attn_bypass[:, m].index_add_(0, e, bypass)
+            if acc.loadings_by_write is not None and acc.bypass_by_write is not None:
+                j = units.pair_slot[pairs[at]].to(device)
+                acc.loadings_by_write[e, j, m] += loading
+                acc.bypass_by_write[e, j, m] += bypass
+
+    def remaining_write_values(self) -> None:
+        """Write values of the target chunks no pair block needed (a reverse pass that
+        keeps no layer's gradients)."""
+        chunks = self.sides.targets
+        for c in range(len(chunks)):
+            if c not in self.valued:
+                rows = chunks.items(c).tolist()
+                writes = self._edge_writes(c)
+                self.valued.add(c)
+                target_block(self.ctx, self.graph, rows, -1, writes, self.workspace)
 
 
 def _finish(
