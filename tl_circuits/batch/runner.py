@@ -24,9 +24,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,9 +213,30 @@ def _start_ray(ray: Any, address: str | None) -> bool:
         return False
     if address is not None:
         ray.init(address=address, log_to_driver=False)
-    else:
+        return True
+    with _package_on_pythonpath():
         ray.init(include_dashboard=False, log_to_driver=False)
     return True
+
+
+@contextlib.contextmanager
+def _package_on_pythonpath() -> Iterator[None]:
+    """While a local Ray instance starts, put the folder this process imported
+    ``tl_circuits`` from first on ``PYTHONPATH``: its workers (started with that
+    environment) then import the same package, also from a source checkout that is not
+    installed."""
+    import tl_circuits
+
+    root = str(Path(tl_circuits.__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, old) if p)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def _cluster_device(ray: Any) -> str:
