@@ -26,12 +26,14 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from tl_circuits.errors import TLCircuitsError
@@ -313,3 +315,94 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
                     f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
     _replace_atomically(path, write)
+
+
+#: name prefix of a spill directory (``{prefix}.{host}.{pid}.{random}``)
+_SPILL_PREFIX = ".tl_circuits-spill"
+
+
+class SpillFile:
+    """An append-only scratch file of float tensors in a private directory, removed with
+    everything in it by :meth:`close` (also on an error or ``KeyboardInterrupt`` when used
+    as a context manager).
+
+    The directory ``{parent}/.tl_circuits-spill.{host}.{pid}.{random}`` is created with mode
+    ``0o700``; directories of this host's spills whose process no longer runs (a build
+    killed outright) are removed first. :meth:`append` writes a tensor's bytes at the end
+    and returns where; :meth:`read` reads ``shape`` elements back from there into a new CPU
+    tensor (plain ``pread``: nothing is memory-mapped, so what is read lives only as long
+    as the caller keeps it).
+    """
+
+    def __init__(self, parent: str | Path, dtype: torch.dtype) -> None:
+        parent = Path(parent)
+        if not parent.is_dir():
+            what = _kind(parent) if os.path.lexists(parent) else "missing"
+            raise TLCircuitsError(f"spill directory {parent} is not a directory (it is {what})")
+        _remove_dead_spills(parent)
+        prefix = f"{_SPILL_PREFIX}.{_host_tag()}.{os.getpid()}."
+        try:
+            self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        except OSError as e:
+            raise TLCircuitsError(f"cannot create a spill directory in {parent}: {e}") from e
+        self.dtype = dtype
+        self.bytes_written = 0
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        self._fd: int | None = os.open(self.directory / "rows.bin", flags, 0o600)
+
+    def __enter__(self) -> SpillFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def append(self, values: Tensor) -> int:
+        """Write ``values`` (this file's dtype) at the end; returns its byte offset."""
+        if self._fd is None:
+            raise ValueError("spill file is closed")
+        data = values.detach().to("cpu", self.dtype).contiguous()
+        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+        offset = self.bytes_written
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        self.bytes_written += len(view)
+        return offset
+
+    def read(self, offset: int, shape: tuple[int, ...]) -> Tensor:
+        """``shape`` elements written at byte ``offset``, as a new CPU tensor."""
+        if self._fd is None:
+            raise ValueError("spill file is closed")
+        out = torch.empty(shape, dtype=self.dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise TLCircuitsError(f"spill file {self.directory} ended early (truncated?)")
+            done += n
+        return out
+
+    def close(self) -> None:
+        """Close the file and remove the directory (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _remove_dead_spills(parent: Path) -> None:
+    """Remove spill directories in ``parent`` left by this host's processes that no longer
+    run."""
+    pattern = re.compile(re.escape(f"{_SPILL_PREFIX}.{_host_tag()}.") + r"(\d+)\..+")
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        path = parent / name
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)

@@ -14,6 +14,7 @@ and tokens, at positions ``<= p``), never as a dense ``[rows, n_cols]`` matrix.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -21,33 +22,70 @@ from tqdm.auto import tqdm
 
 from tl_circuits.graph.nodes import Target, normalized_target_weights
 from tl_circuits.replacement.sources import SourceColumns
+from tl_circuits.storage import SpillFile
 
 #: rows of a stored group read at once (bounds the ``[rows, n_causal]`` temporaries)
 ROW_CHUNK = 128
+
+
+@dataclass
+class _Piece:
+    """Rows of one group stored by one :meth:`CausalRows.add`: ``values`` ``[n_rows,
+    n_causal]`` in memory, or ``n_rows x n_causal`` elements at byte ``offset`` of the
+    spill file."""
+
+    n_rows: int
+    values: Tensor | None = None
+    offset: int = -1
+
+
+@dataclass
+class _Group:
+    """The visited rows of one (layer, position): their slots and stored pieces."""
+
+    slots: list[Tensor] = field(default_factory=list)
+    pieces: list[_Piece] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(p.n_rows for p in self.pieces)
 
 
 class CausalRows:
     """Visited feature rows, each stored over its causal columns only.
 
     Rows are grouped by (layer ``l``, position ``p``); a group holds ``slots`` (the rows'
-    visiting order) and ``values`` ``[rows, n_causal]`` over the group's causal columns in
+    visiting order) and values ``[rows, n_causal]`` over the group's causal columns in
     column order: for each layer ``l' < l`` the features of ``(l', 0..p)`` (one contiguous
     column range, as features are sorted by (layer, pos, feature)), then for each layer
     ``l' < l`` its errors at ``0..p``, then the tokens ``0..p``. The first
     :meth:`n_feature_cols` of them are feature columns.
+
+    Values live in memory, or, with ``spill`` (a :class:`~tl_circuits.storage.SpillFile`),
+    on disk: each :meth:`add` appends its blocks to the file and :meth:`items` reads them
+    back piece by piece. Either way a group is read as the same row chunks with the same
+    values, so the two give bit-identical rankings.
     """
 
-    def __init__(self, columns: SourceColumns, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        columns: SourceColumns,
+        dtype: torch.dtype,
+        device: torch.device,
+        spill: SpillFile | None = None,
+    ) -> None:
         self.columns = columns
         self.n_feat = columns.n_features
         self.dtype, self.device = dtype, device
+        self.spill = spill
         feats, n_layers, n_pos = columns.features, columns.n_layers, columns.n_pos
         counts = torch.bincount(feats.layer * n_pos + feats.pos, minlength=n_layers * n_pos)
         ends = counts.cumsum(0).reshape(n_layers, n_pos)
         self._feat_start = (ends - counts.reshape(n_layers, n_pos))[:, 0].tolist()
         self._feat_end = ends.tolist()  # [l'][p]: end of the features of (l', 0..p)
-        self.groups: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.groups: dict[tuple[int, int], _Group] = {}
         self.n_rows = 0
+        self.stored_elements = 0
         self._ranges: dict[tuple[int, int], tuple[Tensor, Tensor, int]] = {}
 
     def _range_table(self, layer: int, pos: int) -> tuple[Tensor, Tensor, int]:
@@ -78,12 +116,9 @@ class CausalRows:
         return int(self._range_table(layer, pos)[1].sum())
 
     @property
-    def stored_elements(self) -> int:
-        return sum(v.numel() for _, v in self.groups.values())
-
-    @property
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for _, v in self.groups.values())
+        """Bytes of stored values held in memory (0 when they are spilled)."""
+        return 0 if self.spill is not None else self.stored_elements * self.dtype.itemsize
 
     def add(self, features: Tensor, dense: Tensor) -> None:
         """Store the rows ``dense`` ``[n, >= n_cols]`` of ``features`` (indices into the
@@ -101,11 +136,13 @@ class CausalRows:
             cols, _ = self.causal_columns(layer, pos)
             block = dense.index_select(0, mine.to(dense.device)).index_select(1, cols)
             kept += block.abs().sum()
-            slots = (mine + self.n_rows).to(self.device)
-            if (layer, pos) in self.groups:
-                old_slots, old = self.groups[(layer, pos)]
-                slots, block = torch.cat([old_slots, slots]), torch.cat([old, block])
-            self.groups[(layer, pos)] = (slots, block)
+            group = self.groups.setdefault((layer, pos), _Group())
+            group.slots.append((mine + self.n_rows).to(self.device))
+            if self.spill is None:
+                group.pieces.append(_Piece(len(mine), values=block))
+            else:
+                group.pieces.append(_Piece(len(mine), offset=self.spill.append(block)))
+            self.stored_elements += block.numel()
         self.n_rows += len(features)
         if float(total - kept) > 1e-5 * float(total) + 1e-30:
             raise ValueError(
@@ -116,10 +153,31 @@ class CausalRows:
     def items(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[Tensor, Tensor, int, Tensor]]:
         """``(slots, causal columns, n_feature_cols, values)`` of every group, in pieces of
         at most ``chunk`` rows (bounding the temporaries a reader forms from them)."""
-        for (layer, pos), (slots, values) in self.groups.items():
+        for (layer, pos), group in self.groups.items():
             cols, n_fc = self.causal_columns(layer, pos)
+            slots = torch.cat(group.slots)
             for start in range(0, len(slots), chunk):
-                yield slots[start : start + chunk], cols, n_fc, values[start : start + chunk]
+                stop = min(start + chunk, len(slots))
+                yield slots[start:stop], cols, n_fc, self._rows(group, start, stop, len(cols))
+
+    def _rows(self, group: _Group, start: int, stop: int, width: int) -> Tensor:
+        """Rows ``start .. stop`` of ``group`` ``[stop - start, width]``: a view of one
+        in-memory piece, else the parts of the pieces they span, joined."""
+        parts: list[Tensor] = []
+        first = 0  # the group row where the current piece begins
+        for piece in group.pieces:
+            a, b = max(start, first), min(stop, first + piece.n_rows)
+            if a < b:
+                if piece.values is not None:
+                    parts.append(piece.values[a - first : b - first])
+                else:
+                    assert self.spill is not None
+                    offset = piece.offset + (a - first) * width * self.dtype.itemsize
+                    parts.append(self.spill.read(offset, (b - a, width)).to(self.device))
+            first += piece.n_rows
+            if first >= stop:
+                break
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def causal_sizes(columns: SourceColumns) -> Tensor:
@@ -133,22 +191,35 @@ def causal_sizes(columns: SourceColumns) -> Tensor:
     return below[layer, pos] + (layer + 1) * (pos + 1)
 
 
+@dataclass
+class Selection:
+    """What a budgeted selection chose: ``chosen`` (feature indices in visiting order) and
+    ``tied_at_cut``, how many of them were picked among features of exactly equal
+    influence straddling a batch's cut (the feature with the lower index goes first; any
+    of them would have been as right). Typically features of influence exactly 0 once the
+    budget exceeds the features that reach a target."""
+
+    chosen: Tensor
+    tied_at_cut: int = 0
+
+
 def select_by_influence(
     store: CausalRows,
     target_rows: Tensor,
     budget: int,
     batch_size: int,
     target_list: list[Target],
-    feature_rows: Callable[[Tensor], Tensor],
+    feature_rows: Callable[[Tensor], tuple[Tensor, Tensor]],
     progress: tqdm,
-) -> Tensor:
-    """Compute feature rows (``feature_rows(indices)`` -> ``[n, n_cols]``) in order of
-    influence on the targets until ``budget``, storing them in ``store``.
+) -> Selection:
+    """Compute feature rows (``feature_rows(indices)`` -> ``(indices in the order
+    computed, rows [n, n_cols])``) in order of influence on the targets until ``budget``,
+    storing them in ``store``.
 
     Before each batch, every feature's influence on the targets is recomputed from the rows
     known so far (``target_rows`` ``[n_tgt, n_cols]`` and the visited features') and the
-    top unvisited features are computed next. Returns the visited feature indices in
-    visiting order (the order of ``store``'s slots).
+    top unvisited features are computed next (:func:`top_unvisited`). Returns the visited
+    feature indices in visiting order (the order of ``store``'s slots) and the tie count.
     """
     n_feat, dtype, device = store.n_feat, target_rows.dtype, target_rows.device
     weights = normalized_target_weights(target_list, dtype).to(device)
@@ -156,21 +227,34 @@ def select_by_influence(
     totals = torch.zeros(budget, dtype=dtype, device=device)
     chosen = torch.zeros(0, dtype=torch.long, device=device)
     visited = torch.zeros(n_feat, dtype=torch.bool, device=device)
+    tied = 0
     while len(chosen) < budget:
         n_done = len(chosen)
         influence = influence_from_rows(
             store, target_rows, target_totals, totals[:n_done], chosen, weights
         )
-        influence[visited] = -1.0
         take = min(batch_size, budget - n_done)
-        idx = torch.argsort(influence, descending=True)[:take]
+        idx, n_tied = top_unvisited(influence, visited, take)
+        tied += n_tied
         visited[idx] = True
-        dense = feature_rows(idx)
+        idx, dense = feature_rows(idx)  # in the order the passes computed them
         totals[n_done : n_done + take] = dense.abs().sum(1)
         store.add(idx, dense)
         chosen = torch.cat([chosen, idx])
         progress.update(take)
-    return chosen
+    return Selection(chosen, tied)
+
+
+def top_unvisited(influence: Tensor, visited: Tensor, take: int) -> tuple[Tensor, int]:
+    """The ``take`` unvisited features of highest influence (ties: lower index first) and
+    how many of them tie exactly with an unvisited feature left out."""
+    influence = influence.masked_fill(visited, -1.0)
+    order = torch.sort(influence, descending=True, stable=True).indices
+    idx = order[:take]
+    if take >= int((~visited).sum()):
+        return idx, 0
+    cut = influence[order[take]]  # the best feature left out
+    return idx, int((influence[idx] == cut).sum())
 
 
 def influence_from_rows(
@@ -200,8 +284,7 @@ def influence_from_rows(
     slot_of = torch.full((n_feat,), -1, dtype=torch.long, device=x.device)
     slot_of[done] = torch.arange(n_done, device=x.device)
     square = x.new_zeros(n_done, n_done)
-    groups = list(store.items())
-    for slots, cols, n_fc, values in groups:
+    for slots, cols, n_fc, values in store.items():
         col_slot = slot_of[cols[:n_fc]]
         keep = (col_slot >= 0).nonzero(as_tuple=True)[0]
         if len(keep):
@@ -215,7 +298,7 @@ def influence_from_rows(
         if not bool(y.any()):
             break
     weight = y_sum * scale
-    for slots, cols, n_fc, values in groups:
+    for slots, cols, n_fc, values in store.items():  # a second read (of the spill file)
         if n_fc:
             x.index_add_(0, cols[:n_fc], weight[slots] @ values[:, :n_fc].abs())
     return x

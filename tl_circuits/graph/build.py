@@ -15,9 +15,12 @@ independent forward pass of the replacement model with every node set to zero.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +44,7 @@ from tl_circuits.model.prompt import Prompt
 from tl_circuits.replacement.context import FeatureTable, ReplacementContext
 from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds
 from tl_circuits.replacement.sources import ColumnSink, SourceColumns
+from tl_circuits.storage import SpillFile
 from tl_circuits.transcoders.base import Transcoders
 
 
@@ -63,25 +67,29 @@ def estimate_memory_bytes(
     budgeted: bool = False,
     stored_elements: int | None = None,
     n_nodes: int | None = None,
+    final_elements: int | None = None,
 ) -> int:
-    """Bytes a build needs beyond the model.
+    """Bytes a build needs beyond the model and the replacement context.
 
-    The stored edges (``stored_elements``: the causal blocks of a full build, or of a
-    budgeted build's target rows and visited feature rows; default the dense
-    ``n_rows x n_cols``), one batch's reused buffers (the backward workspace, five
-    ``[pos, batch, d_model]``-sized tensors, and the ``[batch, n_cols]`` edge rows) and,
-    for a budgeted build, the influence ranking's temporaries (the visited-by-visited
-    block, one batch of rows while it is stored, 128 stored rows read at once) and the
-    final ``[n_nodes, n_nodes]`` adjacency (``n_nodes`` default ``n_rows``). Decoder rows
-    are gathered per (layer, position) group into one small buffer and not counted.
+    The stored edges held in memory (``stored_elements``: the causal blocks of a full
+    build, or a budgeted build's target rows and visited feature rows, or only the target
+    rows when the feature rows are spilled to disk; default the dense ``n_rows x
+    n_cols``), one batch's reused buffers (the backward workspace, five ``[pos, batch,
+    d_model]``-sized tensors, and the ``[batch, n_cols]`` edge rows) and, for a budgeted
+    build, the influence ranking's temporaries (the visited-by-visited block and its
+    series, one batch of rows while it is stored, 128 stored rows read and their ``|.|``)
+    and the graph's edges (``final_elements``, default a dense ``n_nodes x n_nodes`` with
+    ``n_nodes`` default ``n_rows``). Decoder rows are gathered per (layer, position) range
+    into one small buffer and not counted.
     """
     rows = (n_rows * n_cols if stored_elements is None else stored_elements) * element_size
     working = batch * (5 * n_pos * d_model + n_cols) * element_size
     extra = 0
     if budgeted:
         nodes = n_rows if n_nodes is None else n_nodes
-        temps = 2 * batch * n_cols + 128 * n_cols  # storing a batch; reading 128 rows
-        extra = (2 * n_rows * n_rows + nodes * nodes + temps) * element_size
+        final = nodes * nodes if final_elements is None else final_elements
+        temps = 2 * batch * n_cols + 2 * 128 * n_cols  # storing a batch; reading 128 rows
+        extra = (2 * n_rows * n_rows + final + temps) * element_size
     return rows + working + extra
 
 
@@ -98,6 +106,7 @@ def build_graph(
     batch_size: int = 64,
     show_progress: bool = True,
     memory_limit_bytes: int | None = None,
+    spill_dir: str | Path | None = None,
 ) -> AttributionGraph:
     """The attribution graph of ``prompt`` (DESIGN.md §2).
 
@@ -105,6 +114,10 @@ def build_graph(
     targets computed as rows arrive; the others are listed in ``graph.excluded``.
     ``batch_size``: rows per reverse pass. ``memory_limit_bytes``: refuse when the estimate
     exceeds it (default: the free memory of the model's device, host RAM or CUDA).
+    ``spill_dir``: under a budget, keep the visited feature rows (what the influence
+    ranking reads; the bulk of a long prompt's memory) in a scratch file in a new private
+    folder of this directory instead of in memory; the folder is removed when the build
+    ends, fails or is interrupted. The graph is the same, bit for bit.
 
     Phases: plan (replacement context, targets, columns) -> check memory -> constants
     (zero-node pass) -> rows (reverse passes; all features, or chosen by influence under a
@@ -123,7 +136,8 @@ def build_graph(
         max_logits=max_n_logits,
     )
     plan = _Plan.of(ctx, target_list, max_feature_nodes)
-    need, limit = _check_memory(plan, batch_size, memory_limit_bytes, max_feature_nodes)
+    spill = None if spill_dir is None else Path(spill_dir)
+    need, limit = _check_memory(plan, batch_size, memory_limit_bytes, max_feature_nodes, spill)
     # the constants' zero-node forward pass runs before the adjacency exists, so its
     # transients (the unembedding) never coincide with it
     zero_pres, zero_final = _zero_node_constants(ctx)
@@ -138,11 +152,14 @@ def build_graph(
     with torch.no_grad():
         if plan.full:
             edges, selected = _all_feature_rows(plan, passes, batch_size, progress)
+            tied = 0
         else:
-            edges, selected = _budgeted_rows(plan, passes, batch_size, progress)
+            edges, selected, tied = _budgeted_rows(plan, passes, batch_size, progress, spill)
     progress.close()
     row_values, constants = _row_values(plan, selected, zero_pres, zero_final)
-    return _assemble(plan, selected, edges, row_values, constants, max_feature_nodes)
+    graph = _assemble(plan, selected, edges, row_values, constants, max_feature_nodes)
+    graph.info["selection_ties"] = tied
+    return graph
 
 
 @dataclass
@@ -157,6 +174,7 @@ class _Plan:
     columns: SourceColumns
     budget: int
     groups: list[tuple[Tensor, Tensor]] | None
+    _largest_first: list[int] | None = None  # cumulative causal sizes, largest first
 
     @classmethod
     def of(cls, ctx: ReplacementContext, targets: list[Target], max_features: int | None) -> _Plan:
@@ -180,6 +198,16 @@ class _Plan:
     def n_cols(self) -> int:
         return self.columns.n_cols + self.n_targets
 
+    def worst_stored(self, budget: int) -> int:
+        """An upper bound on the elements a budgeted build stores: the target rows over
+        every column and the ``budget`` feature rows with the largest causal column sets
+        (which rows get visited is not known in advance)."""
+        if self._largest_first is None:
+            largest = torch.sort(causal_sizes(self.columns), descending=True).values
+            self._largest_first = torch.cat([largest.new_zeros(1), largest.cumsum(0)]).tolist()
+        cum = self._largest_first
+        return self.n_targets * self.n_cols + cum[min(max(budget, 0), len(cum) - 1)]
+
 
 def _node_layout(
     columns: SourceColumns, features: Tensor | None, targets: list[Target]
@@ -197,12 +225,18 @@ def _node_layout(
 
 
 def _check_memory(
-    plan: _Plan, batch_size: int, memory_limit_bytes: int | None, max_feature_nodes: int | None
+    plan: _Plan,
+    batch_size: int,
+    memory_limit_bytes: int | None,
+    max_feature_nodes: int | None,
+    spill_dir: Path | None = None,
 ) -> tuple[int, int]:
     """``(estimated bytes, limit)``; raises when the estimate exceeds the limit: the
     caller's ``memory_limit_bytes`` (a positive finite number) or, when None, the free
     memory of the model's device (host RAM, or the CUDA device's own). The refusal says
-    which limit it was and names only the knobs that would make the graph fit."""
+    which limit it was and names only the knobs that would make the graph fit. With
+    ``spill_dir`` the visited feature rows go to disk: they are checked against the free
+    space there instead."""
     ctx = plan.ctx
     if memory_limit_bytes is not None:
         limit_ok = isinstance(memory_limit_bytes, (int, float)) and not isinstance(
@@ -213,23 +247,12 @@ def _check_memory(
                 f"memory_limit_bytes must be a positive finite number of bytes (or None for the "
                 f"free memory of the device), got {memory_limit_bytes!r}"
             )
-    stored = None if plan.groups is None else sum(len(r) * len(c) for r, c in plan.groups)
-    worst = _budgeted_stored_elements(plan)
+    spilled = spill_dir is not None and not plan.full
+    if spilled:
+        _check_spill_space(plan, spill_dir)
 
-    def estimate(budget: int, batch: int, budgeted: bool) -> int:
-        n_other = plan.n_cols - plan.columns.n_features  # errors, tokens, targets
-        return estimate_memory_bytes(
-            budget + plan.n_targets,
-            plan.n_cols,
-            ctx.n_pos,
-            ctx.model.cfg.d_model,
-            batch,
-            ctx.n_layers,
-            ctx.compute_dtype.itemsize,
-            budgeted=budgeted,
-            stored_elements=worst(budget) if budgeted else stored,
-            n_nodes=budget + n_other,
-        )
+    def estimate(budget: int, batch: int, budgeted: bool, spill: bool = spilled) -> int:
+        return _estimate(plan, budget, batch, budgeted, spill)
 
     need = estimate(plan.budget, batch_size, not plan.full)
     device = ctx.embeddings.device
@@ -248,6 +271,9 @@ def _check_memory(
         knobs = ["free memory on the device, run on a device with more memory"]
     if batch_size > 1 and estimate(plan.budget, 1, not plan.full) <= limit:
         knobs.append(f"lower batch_size (now {batch_size})")
+    if not spilled and estimate(plan.budget, batch_size, True, True) <= limit:
+        disk = _gib(plan.worst_stored(plan.budget) * ctx.compute_dtype.itemsize)
+        knobs.append(f"pass spill_dir=DIR to keep the visited rows on disk (up to {disk} there)")
     # the largest feature budget that fits (the estimate grows with the budget)
     lo, hi = 0, plan.budget - 1
     while lo < hi:
@@ -265,18 +291,48 @@ def _check_memory(
     )
 
 
-def _budgeted_stored_elements(plan: _Plan):
-    """``budget -> elements``: an upper bound on what a budgeted build stores, the target
-    rows over every column and the ``budget`` feature rows with the largest causal column
-    sets (which rows get visited is not known in advance)."""
-    largest = torch.sort(causal_sizes(plan.columns), descending=True).values
-    cum = torch.cat([torch.zeros(1, dtype=torch.long), largest.cumsum(0)]).tolist()
-    target = plan.n_targets * plan.n_cols
+def _estimate(plan: _Plan, budget: int, batch: int, budgeted: bool, spilled: bool) -> int:
+    """:func:`estimate_memory_bytes` of ``plan`` with ``budget`` feature rows (a full
+    build: its causal blocks; a budgeted one: the worst case of what it stores, in memory
+    or, ``spilled``, only the target rows in memory)."""
+    ctx, n_tgt = plan.ctx, plan.n_targets
+    n_other = plan.n_cols - plan.columns.n_features - n_tgt  # errors, tokens
+    if budgeted:
+        stored = n_tgt * plan.n_cols if spilled else plan.worst_stored(budget)
+    else:
+        assert plan.groups is not None
+        stored = sum(len(r) * len(c) for r, c in plan.groups)
+    n_nodes = budget + n_other + n_tgt
+    return estimate_memory_bytes(
+        budget + n_tgt,
+        plan.n_cols,
+        ctx.n_pos,
+        ctx.model.cfg.d_model,
+        batch,
+        ctx.n_layers,
+        ctx.compute_dtype.itemsize,
+        budgeted=budgeted,
+        stored_elements=stored,
+        n_nodes=n_nodes,
+        # the graph's causal blocks: each feature row over at most every kept source
+        final_elements=budget * (budget + n_other) + n_tgt * n_nodes,
+    )
 
-    def worst(budget: int) -> int:
-        return target + cum[min(max(budget, 0), len(largest))]
 
-    return worst
+def _check_spill_space(plan: _Plan, spill_dir: Path) -> None:
+    """Refuse a spill directory that is not a directory or lacks the free space for the
+    worst case of the visited rows."""
+    if not spill_dir.is_dir():
+        raise TLCircuitsError(f"spill_dir {spill_dir} is not a directory")
+    rows = plan.worst_stored(plan.budget) - plan.n_targets * plan.n_cols
+    need = rows * plan.ctx.compute_dtype.itemsize
+    free = shutil.disk_usage(spill_dir).free
+    if need > free:
+        raise TLCircuitsError(
+            f"the visited rows may need up to {_gib(need)} in spill_dir {spill_dir} but it "
+            f"has {_gib(free)} free; choose a directory with more space or lower "
+            f"max_feature_nodes (now {plan.budget})"
+        )
 
 
 def _gib(n_bytes: float) -> str:
@@ -299,8 +355,22 @@ class _RowPasses:
         dtype, device = ctx.compute_dtype, ctx.embeddings.device
         self.workspace = BackwardWorkspace(ctx.linear, width, ctx.n_pos, dtype, device)
 
-    def feature_rows(self, rows: Tensor) -> Tensor:
-        """Rows of the active features ``rows`` (indices into the feature table)."""
+    def feature_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(rows in pass order, their rows [n, n_cols])`` of the active features ``rows``
+        (indices into the feature table). A row at (layer ``l``, position ``p``) needs only
+        layers ``<= l`` and positions ``<= p``, so the batch is reordered by that reach and
+        run as the passes :func:`split_by_reach` plans, each stopping where its rows do."""
+        features = self.features
+        order, runs = split_by_reach(
+            features.layer[rows], features.pos[rows], self.ctx.n_layers, self.ctx.n_pos
+        )
+        rows = rows[order]
+        for start, stop in runs:
+            self._feature_pass(rows[start:stop], start)
+        return rows, self.sink.rows(len(rows))
+
+    def _feature_pass(self, rows: Tensor, offset: int) -> None:
+        """One reverse pass for ``rows``, written at slots ``offset ..`` of the sink."""
         features, tcs = self.features, self.ctx.transcoders
         layers, poss = features.layer[rows], features.pos[rows]
         seeds: dict[int, SparseSeeds] = {}
@@ -309,7 +379,7 @@ class _RowPasses:
             idx = rows[in_layer]
             w_enc = self.ctx.in_compute(tcs.encoder(layer).W_enc[:, features.feature[idx]].T)
             seeds[layer] = SparseSeeds(in_layer, features.pos[idx], w_enc)
-        return self._run(seeds, None, len(rows), int(poss.max()) + 1)
+        self._run(seeds, None, len(rows), int(poss.max()) + 1, offset=offset)
 
     def target_rows(self, targets: list[Target]) -> Tensor:
         """Rows of ``targets``."""
@@ -322,9 +392,14 @@ class _RowPasses:
         return self._run({}, seed, len(targets), n_pos)
 
     def _run(
-        self, seeds: dict[int, SparseSeeds], final_seed: Tensor | None, batch: int, n_pos: int
+        self,
+        seeds: dict[int, SparseSeeds],
+        final_seed: Tensor | None,
+        batch: int,
+        n_pos: int,
+        offset: int = 0,
     ) -> Tensor:
-        self.sink.start(batch)
+        self.sink.start(batch, offset)
         g_embed = self.ctx.linear.backward(
             Seeds(x_in=seeds, final=final_seed),
             self.sink,
@@ -334,6 +409,44 @@ class _RowPasses:
         )
         self.sink.embeddings(g_embed)
         return self.sink.finish()
+
+
+#: a reverse pass's fixed cost, in rows reaching every layer and position (the sink's
+#: per-range reads and the per-layer launches do not shrink with the batch)
+PASS_OVERHEAD_ROWS = 4
+
+
+def split_by_reach(
+    layers: Tensor, poss: Tensor, n_layers: int, n_pos: int
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """How to run a batch of feature rows (at ``layers``, ``poss``) as reverse passes:
+    ``(order, runs)``, the rows reordered and cut into runs ``[start, stop)`` of it.
+
+    A pass over rows whose deepest layer is ``L`` and last position ``P`` costs about
+    ``rows x (L + 1) x (P + 1)`` (its GEMMs run over ``L + 1`` blocks and ``P + 1``
+    positions) plus :data:`PASS_OVERHEAD_ROWS` rows reaching everything. The rows are
+    ordered by reach ``(l + 1)(p + 1)`` and cut into the contiguous runs that minimise the
+    total (a dynamic programme over the sorted rows, ``O(batch^2)``).
+    """
+    n = len(layers)
+    order = torch.argsort((layers + 1) * (poss + 1), stable=True)
+    depth, last = (layers[order] + 1).tolist(), (poss[order] + 1).tolist()
+    overhead = PASS_OVERHEAD_ROWS * n_layers * n_pos
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest way to run the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        max_d = max_p = 0
+        for i in range(j, 0, -1):  # the last run is sorted rows i-1 .. j-1
+            max_d, max_p = max(max_d, depth[i - 1]), max(max_p, last[i - 1])
+            cost = best[i - 1] + (j - i + 1) * max_d * max_p + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    runs: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    return order, runs[::-1]
 
 
 def _all_feature_rows(
@@ -352,46 +465,66 @@ def _all_feature_rows(
     n_feat = plan.columns.n_features
     order = torch.argsort(plan.columns.features.layer, descending=True, stable=True)
     for start in range(0, n_feat, batch_size):
-        idx = order[start : start + batch_size]
-        adjacency.set_rows(idx, passes.feature_rows(idx))
-        progress.update(len(idx))
+        rows, values = passes.feature_rows(order[start : start + batch_size])
+        adjacency.set_rows(rows, values)
+        progress.update(len(rows))
     return adjacency, torch.arange(n_feat)
 
 
 def _budgeted_rows(
-    plan: _Plan, passes: _RowPasses, batch_size: int, progress: tqdm
-) -> tuple[Tensor, Tensor]:
+    plan: _Plan, passes: _RowPasses, batch_size: int, progress: tqdm, spill_dir: Path | None
+) -> tuple[CausalAdjacency, Tensor, int]:
     """The targets' rows, then ``budget`` feature rows chosen by influence as rows arrive
     (:func:`~tl_circuits.graph.budget.select_by_influence`), each feature row stored over
-    its causal columns only (:class:`~tl_circuits.graph.budget.CausalRows`); returns the
-    dense adjacency over the chosen features, errors, tokens and targets, and the chosen
-    features (ascending)."""
-    ctx, n_tgt, n_cols = plan.ctx, plan.n_targets, plan.n_cols
-    n_feat, budget = plan.columns.n_features, plan.budget
+    its causal columns only (:class:`~tl_circuits.graph.budget.CausalRows`; in a spill file
+    under ``spill_dir`` when given, removed when the build ends or fails); returns the
+    causal adjacency over the chosen features, errors, tokens and targets, the chosen
+    features (ascending) and how many were chosen among exact ties at a batch's cut."""
+    ctx, n_tgt = plan.ctx, plan.n_targets
     dtype, device = ctx.compute_dtype, ctx.embeddings.device
     target_rows = passes.target_rows(plan.targets).clone()
     progress.update(n_tgt)
-    store = CausalRows(plan.columns, dtype, device)
-    chosen = select_by_influence(
-        store, target_rows, budget, batch_size, plan.targets, passes.feature_rows, progress
-    )
+    with contextlib.ExitStack() as stack:
+        spill = None if spill_dir is None else stack.enter_context(SpillFile(spill_dir, dtype))
+        store = CausalRows(plan.columns, dtype, device, spill)
+        selection = select_by_influence(
+            store, target_rows, plan.budget, batch_size, plan.targets, passes.feature_rows, progress
+        )
+        if spill is not None:
+            progress.set_postfix_str(f"spilled {spill.bytes_written / 2**30:.2f} GiB")
+        chosen = selection.chosen
+        edges = _kept_edges(plan, store, chosen, target_rows)
+        return edges, torch.sort(chosen).values, selection.tied_at_cut
+
+
+def _kept_edges(
+    plan: _Plan, store: CausalRows, chosen: Tensor, target_rows: Tensor
+) -> CausalAdjacency:
+    """The graph's edges from the stored rows: the chosen features' rows over the chosen
+    features, errors and tokens that are causal for them, and the targets' rows, as causal
+    blocks (:class:`~tl_circuits.graph.causal_adjacency.CausalAdjacency`)."""
+    ctx, n_tgt, n_cols = plan.ctx, plan.n_targets, plan.n_cols
+    n_feat, budget = plan.columns.n_features, plan.budget
+    dtype, device = ctx.compute_dtype, ctx.embeddings.device
     selected, perm = torch.sort(chosen)  # features in (layer, pos, feature) order
     n_nodes = budget + n_cols - n_feat
+    groups = causal_groups(*_node_layout(plan.columns, selected.cpu(), plan.targets))
+    adjacency = CausalAdjacency.from_groups(n_nodes, groups, dtype, device)
     # column c -> its node: the selected features in order, then errors, tokens, targets
     node_of = torch.full((n_cols,), -1, dtype=torch.long, device=device)
     node_of[selected] = torch.arange(budget, device=device)
     node_of[n_feat:] = torch.arange(budget, n_nodes, device=device)
     row_of = torch.empty(budget, dtype=torch.long, device=device)  # visiting slot -> node
     row_of[perm] = torch.arange(budget, device=device)
-    adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype, device=device)
     for slots, cols, _, values in store.items():
         node = node_of[cols]
         keep = (node >= 0).nonzero(as_tuple=True)[0]
-        adjacency[row_of[slots][:, None], node[keep][None, :]] = values[:, keep]
-    del store
-    keep_cols = torch.cat([selected, torch.arange(n_feat, n_cols, device=device)])
-    adjacency[n_nodes - n_tgt :] = target_rows.index_select(1, keep_cols)
-    return adjacency, selected
+        adjacency.set_columns(row_of[slots], node[keep], values[:, keep])
+    sources = torch.cat([selected, torch.arange(n_feat, n_cols - n_tgt, device=device)])
+    target_nodes = torch.arange(n_nodes - n_tgt, n_nodes, device=device)
+    every_source = torch.arange(n_nodes - n_tgt, device=device)
+    adjacency.set_columns(target_nodes, every_source, target_rows.index_select(1, sources))
+    return adjacency
 
 
 def _row_values(

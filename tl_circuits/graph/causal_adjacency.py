@@ -85,6 +85,20 @@ class CausalAdjacency:
                 f"set (|dropped| = {float(total - kept):.3g} of {float(total):.3g})"
             )
 
+    def set_columns(self, rows: Tensor, cols: Tensor, values: Tensor) -> None:
+        """Write ``values[i, j]`` at ``A[rows[i], cols[j]]``: rows of one group, columns
+        (ascending) all in its source set (``ValueError`` otherwise)."""
+        groups = self.group_of[rows.cpu()].unique().tolist()
+        if len(groups) != 1 or groups[0] < 0:
+            raise ValueError(f"rows {rows.tolist()[:8]} are not the rows of one causal group")
+        group = self.groups[groups[0]]
+        gcols = group.cols.to(cols.device)
+        at = torch.searchsorted(gcols, cols).clamp_max(max(len(gcols) - 1, 0))
+        if len(cols) and not bool((gcols[at] == cols).all()):
+            raise ValueError(f"columns outside the causal source set of rows {rows.tolist()[:8]}")
+        slots = self.slot_of[rows.cpu()].to(group.values.device)
+        group.values[slots[:, None], at.to(group.values.device)[None, :]] = values
+
     def to_dense(self) -> Tensor:
         every = torch.arange(self.n_nodes)
         return dense_submatrix(row_groups(self), self.n_nodes, every)

@@ -301,9 +301,15 @@ class ColumnSink:
         self.buffer = torch.empty(batch_size, n_cols, dtype=dtype, device=device)
         self.edges = self.buffer[:0]
 
-    def start(self, batch: int) -> None:
-        self.edges = self.buffer[:batch]
+    def start(self, batch: int, offset: int = 0) -> None:
+        """Begin a pass of ``batch`` rows, written at rows ``offset ..`` of the buffer (a
+        batch split into several passes fills one buffer; :meth:`rows` reads it whole)."""
+        self.edges = self.buffer[offset : offset + batch]
         self.edges.zero_()
+
+    def rows(self, n: int) -> Tensor:
+        """The first ``n`` rows of the buffer ``[n, n_cols]`` (a view)."""
+        return self.buffer[:n]
 
     def mlp_out(self, layer: int, grad: Tensor) -> None:
         """Read the columns writing to ``mlp_out(layer)`` off its gradient ``[B, pos, d]``."""
@@ -313,11 +319,9 @@ class ColumnSink:
             if pos >= n_pos:  # the batch's rows end before pos: zero gradient there
                 continue
             dec = self.gathered[: c1 - c0]
-            decoder = decoders.decoder(s, layer)
-            if decoder.dtype == dec.dtype:
-                torch.index_select(decoder, 0, self.feature_ids[c0:c1], out=dec)
-            else:  # a 16-bit dictionary: its rows, upcast to the compute dtype
-                dec.copy_(decoder.index_select(0, self.feature_ids[c0:c1]))
+            # copy_ of a plain index_select: index_select(..., out=) is ~40x slower on CPU
+            # with several threads (measured: 2.5 ms vs 0.06 ms for 100 rows of 768)
+            dec.copy_(decoders.decoder(s, layer).index_select(0, self.feature_ids[c0:c1]))
             self.edges[:, c0:c1].addmm_(grad[:, pos], dec.T)
         self._dot_per_position(grad, self.ctx.compute_errors[layer], self.error_cols[layer])
 
