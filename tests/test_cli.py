@@ -124,6 +124,8 @@ def test_train_transcoders_tiny(tmp_path, capsys) -> None:
         (["trace", "   "], "empty"),
         (["trace", "x", "--example", "fact"], "not both"),
         (["trace", "--max-features", "0"], "must be positive"),
+        (["trace", "--batch-size", "0"], "must be positive"),
+        (["trace", "--max-features", "9", "--spill-dir", "/no/such/dir"], "not a directory"),
         (["trace", "--transcoders", "/no/such/dir", "--model", "default"], "not a directory"),
         (
             ["qk", "--example", "fact", "--layer", "0", "--head", "0", "--query-pos", "99"],
@@ -169,3 +171,21 @@ def test_bad_token_file(tmp_path, capsys) -> None:
     save_file({"ids": torch.zeros(2, 3, dtype=torch.long)}, path)
     assert main(["train-transcoders", "--out", str(tmp_path / "o"), "--tokens", str(path)]) == 2
     assert "no 'tokens' tensor" in capsys.readouterr().err
+
+
+def test_trace_with_a_spill_dir_gives_the_same_graph(tmp_path) -> None:
+    from tl_circuits.graph import AttributionGraph
+
+    outs = []
+    for spill in (None, tmp_path / "spill"):
+        out = tmp_path / ("spilled" if spill else "in_memory")
+        argv = ["trace", "--out", str(out), "--max-features", "12", "--no-picture"]
+        argv += ["--batch-size", "5", "--head-edges", "0"]
+        if spill is not None:
+            spill.mkdir()
+            argv += ["--spill-dir", str(spill)]
+        assert main(argv) == 0
+        outs.append(AttributionGraph.load(out / "graph"))
+    assert list((tmp_path / "spill").iterdir()) == []  # the scratch folder is gone
+    assert torch.equal(outs[0].adjacency, outs[1].adjacency)
+    assert torch.equal(outs[0].nodes.feature, outs[1].nodes.feature)

@@ -86,6 +86,17 @@ def add_parser(sub: Any) -> None:
         help="head loadings for the N strongest edges of the pruned graph (0: none; "
         "default %(default)s)",
     )
+    p.add_argument(
+        "--spill-dir",
+        type=Path,
+        default=None,
+        help="with --max-features: keep the visited rows (the bulk of a long prompt's "
+        "memory) in a scratch folder inside this directory instead of in memory; removed "
+        "when the build ends (the graph is the same)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="rows per reverse pass (%(default)s)"
+    )
     p.add_argument("--no-picture", action="store_true", help="skip the SVG/PNG picture")
     p.set_defaults(run=run)
 
@@ -112,10 +123,12 @@ def run(args: argparse.Namespace) -> int:
     from tl_circuits.export.picture import save_graph_picture
     from tl_circuits.graph import AttributionGraph
 
-    for name in ("max_features", "head_edges"):
+    for name in ("max_features", "head_edges", "batch_size"):
         value = getattr(args, name)
-        if value is not None and value < (1 if name == "max_features" else 0):
+        if value is not None and value < (0 if name == "head_edges" else 1):
             raise SourceError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.spill_dir is not None and not args.spill_dir.is_dir():
+        raise SourceError(f"--spill-dir {args.spill_dir} is not a directory")
     source = source_from_args(args)
     prompt = resolve_prompt(args, source.model)
     if args.logit_diff and args.logit_diff[0] == args.logit_diff[1]:
@@ -130,7 +143,13 @@ def run(args: argparse.Namespace) -> int:
     if args.logit_diff:
         targets = [*(targets or []), tuple(args.logit_diff)]
     graph = AttributionGraph.build(
-        model, transcoders, prompt, targets=targets, max_feature_nodes=args.max_features
+        model,
+        transcoders,
+        prompt,
+        targets=targets,
+        max_feature_nodes=args.max_features,
+        batch_size=args.batch_size,
+        spill_dir=args.spill_dir,
     )
     graph.info["source"] = source.to_json()
     _print_graph(graph)
