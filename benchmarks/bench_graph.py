@@ -133,8 +133,9 @@ def measure(fn, *args, **kwargs) -> tuple[Any, dict[str, float]]:
 # ---- model and transcoders -------------------------------------------------------------
 
 
-def gpt2_small_random(seed: int = 0) -> HookedTransformer:
-    """A random-weight model with GPT-2 small's shape (d_mlp = 4 d_model, as GPT-2).
+def gpt2_small_random(seed: int = 0, n_ctx: int = 1024) -> HookedTransformer:
+    """A random-weight model with GPT-2 small's shape (d_mlp = 4 d_model, as GPT-2);
+    ``n_ctx`` above GPT-2's 1,024 for the long-prompt probes (more random positions).
 
     Randomised as :func:`tl_circuits.testing.random_model` does (which fixes d_mlp at
     2 d_model): norm weights near 1, small non-zero biases, weights ~ N(0, 1/fan_in).
@@ -146,7 +147,7 @@ def gpt2_small_random(seed: int = 0) -> HookedTransformer:
         n_heads=12,
         d_mlp=3072,
         d_vocab=50257,
-        n_ctx=1024,
+        n_ctx=n_ctx,
         act_fn="gelu_new",
         normalization_type="LN",
         positional_embedding_type="standard",
