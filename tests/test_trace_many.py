@@ -335,6 +335,12 @@ def test_interrupted_batch_resumes_and_redoes_none(
     last = len(log_lines(state))
     trace_many(prompts, loader=load, out_dir=tmp_path, workers=2, show_progress=False)
     assert len(log_lines(state)) == last
+    # a changed prompt has another key: only it is traced again
+    changed = [{**prompts[0], "prompt": "kana dama buka"}, *prompts[1:]]
+    table = trace_many(changed, loader=load, out_dir=tmp_path, workers=2, show_progress=False)
+    assert table.loc[0, "n_tokens"] == 4 and (table["status"] == "complete").all()
+    runs = runs_per_prompt(state, model, [*texts, "kana dama buka"], since=last)
+    assert runs == {**dict.fromkeys(texts, 0), "kana dama buka": runs_per_build}
 
 
 # ---- without Ray: input checks and the install message ----
@@ -347,6 +353,16 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_pa
     with pytest.raises(TLCircuitsError, match=r"pip install 'tl_circuits\[distributed\]'"):
         trace_many(["kana deko"], out_dir=tmp_path)
     assert not (tmp_path / "graphs").exists()
+
+
+def test_bad_source_fails_before_any_work(tmp_path: Path) -> None:
+    from tl_circuits.batch.sources import SourceError
+
+    with pytest.raises(SourceError, match="needs --model"):
+        trace_many(["kana deko"], transcoders=str(tmp_path), out_dir=tmp_path / "out")
+    with pytest.raises(TLCircuitsError, match="targets are given per prompt"):
+        trace_many(["kana deko"], out_dir=tmp_path / "out", targets=["deko"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_prompts_files_and_ids(tmp_path: Path) -> None:
