@@ -14,6 +14,7 @@ from conftest import cached_model, cached_transcoders, prompt_tokens
 
 import tl_circuits.attention.heads.compute as compute
 from tl_circuits import HeadLoadings
+from tl_circuits.attention.heads.plan import Plan
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.testing import FAMILIES
 
@@ -82,12 +83,13 @@ def test_either_side_held_gives_the_same_loadings(
     graph = _graph("llama", "clt", pruned=True)
     edges = (graph.adjacency != 0).nonzero().cpu()
     ref = _reference(graph, edges, True)
-    def forced(sides, memory_bytes):
-        chunks = sides.targets if held == "target" else sides.units
-        batches = [[c] for c in range(len(chunks))]  # one chunk per held batch
-        return compute._Plan(held, batches)
 
-    monkeypatch.setattr(compute, "_plan", forced)
+    def forced(targets, units, memory_bytes):
+        chunks = targets if held == "target" else units
+        batches = [[c] for c in range(len(chunks))]  # one chunk per held batch
+        return Plan(held, batches)
+
+    monkeypatch.setattr(compute, "plan", forced)
     new = HeadLoadings.compute(
         graph, edges, split_write_layers=True, target_batch=9, source_batch=6
     )

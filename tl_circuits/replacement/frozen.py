@@ -23,7 +23,8 @@ LayerNorm ``centre(g * w / s)`` (centring is linear and self-adjoint).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -149,7 +150,14 @@ class FrozenBlock:
     W_skip: Tensor | None  # [d_model, d_model], [out, in]
     parallel: bool
 
-    def attn_adjoint_into(self, g: Tensor, out: Tensor, heads_a: Tensor, heads_b: Tensor) -> None:
+    def attn_adjoint_into(
+        self,
+        g: Tensor,
+        out: Tensor,
+        heads_a: Tensor,
+        heads_b: Tensor,
+        values: Callable[[Tensor], None] | None = None,
+    ) -> None:
         """``out`` = gradient on attention's input (before ln1) from ``g`` on its output.
 
         ``g``, ``out``: ``[pos, B, d_model]`` (position-major; ``pos`` may be a prefix of the
@@ -157,6 +165,8 @@ class FrozenBlock:
         ``pos * B * n_heads * d_head`` elements. ``W_O`` runs as one GEMM over all heads; the
         pattern mixing is one batched GEMM over heads on a head-major copy
         (``[heads, q, B * d_head]``); ``W_V`` is applied per head, accumulating into ``out``.
+        ``values``: called with the gradient on the values (``hook_v``, before ``W_V``),
+        ``[heads, pos, B, d_head]``, a view of ``heads_a`` valid during the call.
         """
         n_pos, batch, d_model = g.shape
         n_heads, d_head = self.W_O.shape[0], self.W_O.shape[1]
@@ -173,6 +183,8 @@ class FrozenBlock:
         gv = heads_a[: rows * width].view(n_heads, n_pos, batch * d_head)
         pattern_t = self.pattern[:, :n_pos, :n_pos].transpose(1, 2)  # [heads, k, q]
         torch.bmm(pattern_t, gz_heads.view(n_heads, n_pos, batch * d_head), out=gv)
+        if values is not None:
+            values(gv.view(n_heads, n_pos, batch, d_head))
         out_2d = out.view(rows, d_model)
         gv_heads = gv.view(n_heads, rows, d_head)
         torch.mm(gv_heads[0], self.W_V[0].T, out=out_2d)
@@ -258,6 +270,7 @@ class FrozenLinearModel:
         *,
         n_pos: int | None = None,
         workspace: BackwardWorkspace | None = None,
+        values: Callable[[int, Tensor], None] | None = None,
     ) -> Tensor:
         """Propagate ``seeds`` (``batch`` rows) to the embeddings, handing the sink each
         gradient it reads on the way.
@@ -275,7 +288,9 @@ class FrozenLinearModel:
         The gradients handed to the sink are views of working buffers, valid only during the
         call (clone to keep). ``workspace``: buffers to reuse across calls (one batch after
         another without new allocations); the returned tensor is then a view into it, valid
-        until its next use.
+        until its next use. ``values``: called as ``values(layer, G_v)`` with the gradient on
+        layer ``layer``'s attention values (see :meth:`FrozenBlock.attn_adjoint_into`), for
+        analyses that read it (head loadings); nothing is computed for it.
         """
         seeds.check()
         if n_pos is None:
@@ -302,7 +317,10 @@ class FrozenLinearModel:
             if live:
                 sink.mlp_out(layer, g_view)
             live = True
-            self._block_adjoint(layer, seeds.x_in.get(layer), sink, g, gx, tmp, heads_a, heads_b)
+            at_layer = None if values is None else functools.partial(values, layer)
+            self._block_adjoint(
+                layer, seeds.x_in.get(layer), sink, g, gx, tmp, heads_a, heads_b, at_layer
+            )
         if resid_layer == 0:  # a seed on the embeddings themselves
             assert seeds.resid is not None
             seeds.resid[1].add_to_(g)
@@ -318,6 +336,7 @@ class FrozenLinearModel:
         tmp: Tensor,
         heads_a: Tensor,
         heads_b: Tensor,
+        values: Callable[[Tensor], None] | None = None,
     ) -> None:
         """Turn ``g`` (position-major ``[pos, B, d_model]``), the gradient on
         ``resid_post(layer)``, into the gradient on ``resid_pre(layer)`` in place: the skip
@@ -337,7 +356,7 @@ class FrozenLinearModel:
             norm_adjoint_(block.mlp_in, gx)
         if block.parallel:  # attention and the MLP both read resid_pre: add both branches
             sink.attn_out(layer, g.transpose(0, 1))
-            block.attn_adjoint_into(g, tmp, heads_a, heads_b)
+            block.attn_adjoint_into(g, tmp, heads_a, heads_b, values)
             g.add_(tmp)
             if has_gx:
                 g.add_(gx)
@@ -345,7 +364,7 @@ class FrozenLinearModel:
             if has_gx:
                 g.add_(gx)
             sink.attn_out(layer, g.transpose(0, 1))
-            block.attn_adjoint_into(g, tmp, heads_a, heads_b)
+            block.attn_adjoint_into(g, tmp, heads_a, heads_b, values)
             g.add_(tmp)
 
     def forward_residuals(

@@ -6,10 +6,10 @@ write layer) and the (edge, unit) pairs -> *chunks* of each side (target rows so
 position, one reverse pass each; units sorted by position and first layer, one forward
 pass each; :mod:`~tl_circuits.attention.heads.sides`) -> the *plan*: which side is held in
 memory batch by batch and which is recomputed for each held batch, whichever costs less
-(:func:`_plan`) -> for each held batch and each chunk of the other side, the contraction
-of every (target chunk, unit chunk) block at every layer its pairs cross -> the write
-values of targets no block needed -> bypass from the writes at or after each layer -> the
-result.
+(:mod:`~tl_circuits.attention.heads.plan`) -> for each held batch and each chunk of the
+other side, the contraction of every (target chunk, unit chunk) block at every layer its
+pairs cross -> the write values of targets no block needed -> bypass from the writes at
+or after each layer -> the result.
 
 A pair of edge ``e`` (source first writing at layer ``w0``) and unit ``u`` crosses layer
 ``m`` exactly when ``unit_start[u] <= m <= top[e]`` (``unit_start >= w0 + 1``, the first
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tl_circuits.attention.heads.plan import Chunks, cut, plan
 from tl_circuits.attention.heads.sides import (
     EdgeWrites,
     TargetBlock,
@@ -66,15 +67,17 @@ def head_loading_fields(
     crossed, top = _crossed_layers(graph, edges, lin.n_layers, lin.parallel)
     units = _Units.of(ctx, graph, edges, split)
     acc = _Accumulators.zeros(ctx, len(edges), lin.blocks[0].W_O.shape[0], split)
+    if len(edges) == 0:
+        return _finish(graph, edges, crossed, acc, split)
     sides = _Sides.of(ctx, graph, edges, top, units, target_batch, source_batch, memory_bytes)
-    plan = _plan(sides, memory_bytes)
+    order = plan(sides.targets, sides.units, memory_bytes)
     run = _Run(ctx, graph, edges, units, sides, acc, edge_chunk)
-    for held in plan.held_batches:
-        blocks = {c: run.compute(plan.held, c) for c in held}
-        for c in plan.streamed_chunks(sides, held):
-            streamed = run.compute(plan.streamed, c)
+    for held in order.held_batches:
+        blocks = {c: run.compute(order.held, c) for c in held}
+        for c in order.streamed_chunks(sides.pairs, held):
+            streamed = run.compute(order.streamed, c)
             for h, block in blocks.items():
-                run.contract_pair(plan.held, h, block, c, streamed)
+                run.contract_pair(order.held, h, block, c, streamed)
     run.remaining_write_values()
     return _finish(graph, edges, crossed, acc, split)
 
@@ -200,71 +203,6 @@ class _Accumulators:
 
 
 @dataclass
-class _Chunks:
-    """One side cut into chunks (one pass each): chunk ``c`` holds the items
-    ``order[bounds[c] : bounds[c + 1]]`` (target nodes, or units); ``nbytes[c]``: what its
-    block holds; ``work[c]``: its pass's cost in (row x layer x position) steps;
-    ``first_pos[c]``, ``start[c]``, ``stop[c]``: the positions and layers it spans."""
-
-    order: Tensor
-    bounds: list[int]
-    nbytes: list[int]
-    work: list[int]
-    first_pos: list[int]
-    start: list[int]
-    stop: list[int]
-
-    def __len__(self) -> int:
-        return len(self.nbytes)
-
-    def items(self, c: int) -> Tensor:
-        return self.order[self.bounds[c] : self.bounds[c + 1]]
-
-    def chunk_of(self, n_items: int) -> tuple[Tensor, Tensor]:
-        """``[n_items]``: each item's chunk (-1: in none) and its row in that chunk."""
-        chunk = torch.full((n_items,), -1, dtype=torch.long)
-        row = torch.full((n_items,), -1, dtype=torch.long)
-        for c in range(len(self)):
-            items = self.items(c)
-            chunk[items] = c
-            row[items] = torch.arange(len(items))
-        return chunk, row
-
-
-def _cut(
-    order: Tensor,
-    span: tuple[Tensor, Tensor, Tensor, Tensor],
-    row_bytes: int,
-    cap: int,
-    budget: int,
-) -> _Chunks:
-    """Cut ``order`` into consecutive chunks of at most ``cap`` items whose block stays
-    within ``budget`` bytes. ``span``: each item's first and end position and first and
-    last layer (``[n]`` each, by item); a chunk spans their extremes and holds
-    ``rows x layers x positions x row_bytes``."""
-    pos_lo, pos_hi, lay_lo, lay_hi = (t[order].tolist() for t in span)
-    bounds, nbytes, work, first, start, stop = [0], [], [], [], [], []
-    i, n = 0, len(order)
-    while i < n:
-        p0, p1, l0, l1, j = pos_lo[i], pos_hi[i], lay_lo[i], lay_hi[i], i + 1
-        while j < n and j - i < cap:
-            q0, q1 = min(p0, pos_lo[j]), max(p1, pos_hi[j])
-            k0, k1 = min(l0, lay_lo[j]), max(l1, lay_hi[j])
-            if (j + 1 - i) * (q1 - q0) * max(0, k1 - k0 + 1) * row_bytes > budget:
-                break
-            p0, p1, l0, l1, j = q0, q1, k0, k1, j + 1
-        steps = (j - i) * (p1 - p0) * max(0, l1 - l0 + 1)
-        bounds.append(j)
-        nbytes.append(steps * row_bytes)
-        work.append(steps)
-        first.append(p0)
-        start.append(l0)
-        stop.append(l1)
-        i = j
-    return _Chunks(order, bounds, nbytes, work, first, start, stop)
-
-
-@dataclass
 class _Sides:
     """Both sides in chunks and the pair blocks joining them.
 
@@ -275,8 +213,8 @@ class _Sides:
     ``unit_row[unit]``: the row in its chunk; ``target_chunk[node]``: its chunk;
     ``top[e]``: edge ``e``'s last crossed layer."""
 
-    targets: _Chunks
-    units: _Chunks
+    targets: Chunks
+    units: Chunks
     pairs: dict[tuple[int, int], Tensor]
     target_row: Tensor
     unit_row: Tensor
@@ -306,7 +244,7 @@ class _Sides:
         zeros = torch.zeros(n_nodes, dtype=torch.long)
         t_span = (zeros, pos + 1, zeros, node_top)
         budget = memory_bytes // 8  # one chunk's block
-        targets = _cut(t_order, t_span, row_bytes, target_batch or TARGET_CHUNK, budget)
+        targets = cut(t_order, t_span, row_bytes, target_batch or TARGET_CHUNK, budget)
         pair_top = top[units.pair_edge]
         crossing = units.unit_start[units.pair_unit] <= pair_top
         n_units = len(units.unit_source)
@@ -315,7 +253,7 @@ class _Sides:
         u_order = (u_stop >= 0).nonzero(as_tuple=True)[0]  # in _Units order already
         u_pos = units.writes.pos[units.unit_source]
         u_span = (u_pos, torch.full_like(u_pos, n_pos), units.unit_start, u_stop)
-        unit_chunks = _cut(u_order, u_span, row_bytes, source_batch or UNIT_CHUNK, budget)
+        unit_chunks = cut(u_order, u_span, row_bytes, source_batch or UNIT_CHUNK, budget)
         target_chunk, target_row = targets.chunk_of(n_nodes)
         unit_chunk, unit_row = unit_chunks.chunk_of(n_units)
         kept = crossing.nonzero(as_tuple=True)[0]
@@ -328,55 +266,6 @@ class _Sides:
             for b, p in zip(blocks.tolist(), kept[order].split(counts.tolist()), strict=True)
         }
         return cls(targets, unit_chunks, pairs, target_row, unit_row, target_chunk, top)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Which side is held (``held``: "target" or "unit"), in which batches of its chunks;
-    the other side is streamed chunk by chunk for each held batch."""
-
-    held: str
-    held_batches: list[list[int]]
-
-    @property
-    def streamed(self) -> str:
-        return "unit" if self.held == "target" else "target"
-
-    def streamed_chunks(self, sides: _Sides, batch: list[int]) -> list[int]:
-        """The streamed side's chunks that share a pair block with a chunk of ``batch``."""
-        mine = set(batch)
-        at = 0 if self.held == "target" else 1
-        return sorted({key[1 - at] for key in sides.pairs if key[at] in mine})
-
-
-def _plan(sides: _Sides, memory_bytes: int) -> _Plan:
-    """Hold the side whose batches (within 3/4 of ``memory_bytes``) make the total work
-    least: held work once plus the streamed side's work once per held batch."""
-    batches = {
-        name: _batches(chunks.nbytes, memory_bytes * 3 // 4)
-        for name, chunks in (("target", sides.targets), ("unit", sides.units))
-    }
-    work = {"target": sum(sides.targets.work), "unit": sum(sides.units.work)}
-    cost = {
-        "target": work["target"] + len(batches["target"]) * work["unit"],
-        "unit": work["unit"] + len(batches["unit"]) * work["target"],
-    }
-    held = min(cost, key=lambda name: (cost[name], name != "target"))
-    return _Plan(held, batches[held])
-
-
-def _batches(nbytes: list[int], budget: int) -> list[list[int]]:
-    """Consecutive chunks grouped while their blocks fit in ``budget`` together."""
-    out: list[list[int]] = []
-    total = budget + 1
-    for c, size in enumerate(nbytes):
-        if out and total + size <= budget:
-            out[-1].append(c)
-            total += size
-        else:
-            out.append([c])
-            total = size
-    return out
 
 
 class _Run:

@@ -29,8 +29,8 @@ from torch import Tensor
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import TARGET
 from tl_circuits.replacement.context import ReplacementContext
-from tl_circuits.replacement.frozen import BackwardWorkspace, FrozenBlock, Seeds, SparseSeeds
-from tl_circuits.replacement.norms import Identity, norm_adjoint_
+from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds
+from tl_circuits.replacement.norms import norm_adjoint_
 from tl_circuits.replacement.sources import SourceWrites
 
 #: bytes of one gathered operand of the per-pair contraction (bounds its temporaries)
@@ -38,7 +38,9 @@ GATHER_BYTES = 64 * 2**20
 #: a pair block is contracted as a dense GEMM over its rows when the pairs fill at least
 #: 1 / DENSE_FILL of the (target rows x unit rows) block (a GEMM entry costs far less than
 #: a gathered one)
-DENSE_FILL = 8
+DENSE_FILL = 16
+#: rows of a block: a range (a view) or indices (gathered)
+Rows = slice | Tensor
 
 
 @dataclass
@@ -93,7 +95,12 @@ def target_block(
     block = TargetBlock([None] * lin.n_layers, [None] * lin.n_layers, n_pos)
     sink = _WriteValueSink(ctx, block, top, edge_writes)
     g_embed = lin.backward(
-        _target_seeds(ctx, graph, rows, n_pos), sink, len(rows), n_pos=n_pos, workspace=workspace
+        _target_seeds(ctx, graph, rows, n_pos),
+        sink,
+        len(rows),
+        n_pos=n_pos,
+        workspace=workspace,
+        values=sink.values,
     )
     if edge_writes is not None:
         sink.read_writes(0, g_embed)
@@ -132,9 +139,9 @@ def _target_seeds(
 
 
 class _WriteValueSink:
-    """A :class:`~tl_circuits.replacement.frozen.GradientSink` keeping ``gv`` and ``gb`` of
-    every layer up to ``top`` and reading the write values of ``edge_writes`` off the
-    MLP-output gradients."""
+    """A :class:`~tl_circuits.replacement.frozen.GradientSink` keeping ``gb`` (and, through
+    :meth:`values`, ``gv``) of every layer up to ``top`` and reading the write values of
+    ``edge_writes`` off the MLP-output gradients."""
 
     def __init__(
         self,
@@ -153,14 +160,21 @@ class _WriteValueSink:
         if layer > self.top:
             return
         frozen = self.lin.blocks[layer]
-        g_pm = grad.transpose(0, 1)  # [P, T, d] position-major
-        gb = g_pm.clone()
-        if frozen.parallel and frozen.W_skip is not None:
-            skip = g_pm @ frozen.W_skip
+        gb = grad.clone(memory_format=torch.contiguous_format)  # [T, P, d], owned
+        if frozen.parallel and frozen.W_skip is not None:  # the skip MLP beside attention
+            skip = grad.transpose(0, 1) @ frozen.W_skip  # position-major [P, T, d]
             norm_adjoint_(frozen.mlp_in, skip)
-            gb += skip
-        self.block.gb[layer] = gb.transpose(0, 1).contiguous()
-        self.block.gv[layer] = _value_gradient(frozen, g_pm)
+            gb += skip.transpose(0, 1)
+        self.block.gb[layer] = gb
+
+    def values(self, layer: int, g_v: Tensor) -> None:
+        """Keep ``gv`` ``[H, T, P, d_head]`` from the backward's gradient on the values
+        ``[H, P, T, d_head]`` (``W_O^T`` and the transposed pattern already applied:
+        ``gv_h[k] = sum_q P_h[q, k] W_O^h post^T(g_m)[q]``)."""
+        if layer <= self.top:
+            self.block.gv[layer] = g_v.permute(0, 2, 1, 3).clone(
+                memory_format=torch.contiguous_format
+            )
 
     def read_writes(self, slot: int, grad: Tensor) -> None:
         """``values[e, slot] = v_slot(source) . grad[row, pos]`` for the edges whose
@@ -173,23 +187,6 @@ class _WriteValueSink:
             v = ew.writes.vectors(slot, ew.source[part])
             g_at = grad[ew.row[part].to(device), ew.pos[part].to(device)]
             ew.values[ew.edge[part].to(device), slot] = (v * g_at).sum(-1)
-
-
-def _value_gradient(block: FrozenBlock, g_pm: Tensor) -> Tensor:
-    """``gv`` ``[H, T, P, d_head]`` from the gradient ``g_pm`` ``[P, T, d_model]`` on the
-    attention output: post-attention norm adjoint, ``W_O^T`` per head, then the frozen
-    pattern transposed (``gv_h[k] = sum_q P_h[q, k] gz_h[q]``)."""
-    n_pos, batch, d_model = g_pm.shape
-    n_heads, d_head = block.W_O.shape[0], block.W_O.shape[1]
-    src = g_pm
-    if not isinstance(block.post_attn, Identity):
-        src = g_pm.clone()
-        norm_adjoint_(block.post_attn, src)
-    gz = src.reshape(-1, d_model) @ block.W_O.reshape(n_heads * d_head, d_model).T
-    gz = gz.view(n_pos, batch, n_heads, d_head).permute(2, 0, 1, 3)  # [H, q, T, e]
-    pattern_t = block.pattern[:, :n_pos, :n_pos].transpose(1, 2)  # [H, k, q]
-    gv = torch.bmm(pattern_t, gz.reshape(n_heads, n_pos, batch * d_head))  # [H, k, T*e]
-    return gv.view(n_heads, n_pos, batch, d_head).permute(0, 2, 1, 3).contiguous()
 
 
 def unit_block(
@@ -245,15 +242,11 @@ def contract(
     x_s = x[:, : p - f].reshape(x.shape[0], -1)
     device = gv.device
     t_rows, u_rows = t_rows.to(device), u_rows.to(device)
-    t_sel, t_loc = torch.unique(t_rows, return_inverse=True)
-    u_sel, u_loc = torch.unique(u_rows, return_inverse=True)
-    if DENSE_FILL * len(t_rows) >= len(t_sel) * len(u_sel):
-        gv_d = gv_s if len(t_sel) == gv_s.shape[1] else gv_s.index_select(1, t_sel)
-        vx_d = vx_s if len(u_sel) == vx_s.shape[1] else vx_s.index_select(1, u_sel)
-        gb_d = gb_s if len(t_sel) == gb_s.shape[0] else gb_s.index_select(0, t_sel)
-        x_d = x_s if len(u_sel) == x_s.shape[0] else x_s.index_select(0, u_sel)
-        lo_all = torch.bmm(gv_d, vx_d.transpose(1, 2))  # [H, t, u]
-        by_all = gb_d @ x_d.T  # [t, u]
+    dense = _dense_rows(t_rows, u_rows)
+    if dense is not None:
+        (t_index, t_loc), (u_index, u_loc) = dense
+        lo_all = torch.bmm(_rows(gv_s, 1, t_index), _rows(vx_s, 1, u_index).transpose(1, 2))
+        by_all = _rows(gb_s, 0, t_index) @ _rows(x_s, 0, u_index).T  # [t, u]
         return lo_all[:, t_loc, u_loc].T, by_all[t_loc, u_loc]
     width = n_heads * gv_s.shape[2] * gv_s.element_size()
     step = max(1, GATHER_BYTES // max(1, width))
@@ -263,3 +256,29 @@ def contract(
         lo_parts.append((a.unsqueeze(-2) @ b.unsqueeze(-1)).view(n_heads, -1).T)
         by_parts.append((gb_s[ti].unsqueeze(-2) @ x_s[ui].unsqueeze(-1)).view(-1))
     return torch.cat(lo_parts), torch.cat(by_parts)
+
+
+def _dense_rows(
+    t_rows: Tensor, u_rows: Tensor
+) -> tuple[tuple[Rows, Tensor], tuple[Rows, Tensor]] | None:
+    """The target and unit rows of a dense GEMM covering the pairs, each as (rows, the
+    pairs' place among them), or None when the pairs are too sparse for one: the range of
+    rows they span (a view, no copy) if they fill 1 / :data:`DENSE_FILL` of it, else the
+    distinct rows (gathered) if they fill that of those."""
+    n = len(t_rows)
+    t_lo, t_hi = int(t_rows.min()), int(t_rows.max()) + 1
+    u_lo, u_hi = int(u_rows.min()), int(u_rows.max()) + 1
+    if DENSE_FILL * n >= (t_hi - t_lo) * (u_hi - u_lo):
+        return (slice(t_lo, t_hi), t_rows - t_lo), (slice(u_lo, u_hi), u_rows - u_lo)
+    t_sel, t_loc = torch.unique(t_rows, return_inverse=True)
+    u_sel, u_loc = torch.unique(u_rows, return_inverse=True)
+    if DENSE_FILL * n >= len(t_sel) * len(u_sel):
+        return (t_sel, t_loc), (u_sel, u_loc)
+    return None
+
+
+def _rows(x: Tensor, dim: int, rows: Rows) -> Tensor:
+    """``x``'s ``rows`` along ``dim``: a slice as a view, indices gathered."""
+    if isinstance(rows, slice):
+        return x[:, rows] if dim == 1 else x[rows]
+    return x.index_select(dim, rows)
