@@ -94,7 +94,7 @@ def _one_pass_rows(passes) -> Callable[[Tensor], Tensor]:
 
 def _reference_budgeted_build(
     plan, passes, batch_size: int, progress, spill_dir=None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, int]:
     """The former ``_budgeted_rows``: every visited row over every column, each batch one
     reverse pass."""
     ctx, n_tgt, n_cols = plan.ctx, plan.n_targets, plan.n_cols
@@ -114,7 +114,7 @@ def _reference_budgeted_build(
     del rows
     adjacency[:budget] = kept[n_tgt + perm]
     adjacency[n_nodes - n_tgt :] = kept[:n_tgt]
-    return adjacency, selected
+    return adjacency, selected, 0
 
 
 # ---- cases ---------------------------------------------------------------------------------
