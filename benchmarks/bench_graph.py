@@ -17,7 +17,7 @@ Usage::
 
     python benchmarks/bench_graph.py                     # cases 8,16,32:4096,128:4096
     python benchmarks/bench_graph.py --cases 8,16 --batch-size 256
-    python benchmarks/bench_graph.py --longest           # also the longest prompt in 24 GiB
+    python benchmarks/bench_graph.py --longest --spill-dir /tmp   # longest prompts in 20 GiB
     python benchmarks/bench_graph.py --no-circuit-tracer
 
 A case is ``N`` (full graph over N tokens) or ``N:B`` (N tokens, a budget of B feature
@@ -47,7 +47,6 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_circuits.graph import AttributionGraph
-from tl_circuits.graph.build import estimate_memory_bytes
 from tl_circuits.model.hooks import install_mlp_input_hooks
 from tl_circuits.replacement.context import ReplacementContext
 from tl_circuits.testing import random_transcoders
@@ -396,59 +395,6 @@ def context_bytes(ctx: ReplacementContext) -> int:
     return sum(seen.values())
 
 
-def longest_prompt(
-    model: HookedTransformer,
-    make_transcoders,
-    budget: int,
-    batch: int,
-    limit: int,
-    seed: int,
-    step: int = 32,
-) -> tuple[int, dict[int, dict[str, int]]]:
-    """The longest prompt (a multiple of ``step``) whose budgeted build fits in ``limit``.
-
-    Each probed length gets transcoders calibrated at that length and its real number of
-    active features; the need is the build's own estimate plus the context's tensors.
-    Returns the length and the probes ``{n: {active_features, need_bytes}}``.
-    """
-    cfg = model.cfg
-    probes: dict[int, dict[str, int]] = {}
-
-    def need(n_pos: int) -> int:
-        tcs = make_transcoders(n_pos)
-        ctx = ReplacementContext(model, tcs, random_prompt(n_pos, seed))
-        n_feat = len(ctx.active_features())
-        n_cols = n_feat + cfg.n_layers * n_pos + n_pos + 10
-        est = estimate_memory_bytes(
-            min(budget, n_feat) + 10,
-            n_cols,
-            n_pos,
-            cfg.d_model,
-            batch,
-            cfg.n_layers,
-            4,
-            budgeted=True,
-        )
-        total = est + context_bytes(ctx)
-        probes[n_pos] = {"active_features": n_feat, "need_bytes": total}
-        print(
-            f"  probe {n_pos} tokens: {n_feat} active features, need {total / GiB:.2f} GiB",
-            flush=True,
-        )
-        return total
-
-    lo, hi = 0, cfg.n_ctx // step  # lengths lo*step fit (0: nothing), hi*step unknown
-    if need(hi * step) <= limit:
-        return hi * step, probes
-    while lo < hi - 1:
-        mid = (lo + hi) // 2
-        if need(mid * step) <= limit:
-            lo = mid
-        else:
-            hi = mid
-    return lo * step, probes
-
-
 def top_functions(profiler: cProfile.Profile, n: int = 5) -> list[dict[str, Any]]:
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = []
@@ -478,9 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--longest",
         action="store_true",
-        help="also measure the longest budgeted prompt that fits in --limit-gib",
+        help="instead: probe budgeted builds of growing length, ours and circuit-tracer, each "
+        "in its own process, until one passes --limit-gib of build memory (longest.py)",
     )
-    ap.add_argument("--limit-gib", type=float, default=24.0)
+    ap.add_argument("--longest-ours", default="1024,1600", help="lengths probed for ours")
+    ap.add_argument("--longest-ct", default="128,192,256", help="lengths for circuit-tracer")
+    ap.add_argument("--ours-batch", type=int, default=64, help="ours' batch in --longest")
+    ap.add_argument("--spill-dir", default=None, help="ours' spill_dir in --longest")
+    ap.add_argument("--limit-gib", type=float, default=20.0)
     ap.add_argument("--no-circuit-tracer", action="store_true")
     ap.add_argument(
         "--ct-max-tokens",
@@ -548,25 +499,15 @@ def main(argv: list[str] | None = None) -> int:
         "circuit_tracer_skipped_because": ct_why if ct is None else None,
     }
 
-    if args.longest:
-        print(
-            f"searching the longest prompt whose {args.budget}-feature graph fits in "
-            f"{args.limit_gib} GiB",
-            flush=True,
-        )
-        n_long, probes = longest_prompt(
-            model,
-            make_transcoders,
-            args.budget,
-            args.batch_size,
-            int(args.limit_gib * GiB),
-            args.seed,
-        )
-        print(f"longest prompt: {n_long} tokens", flush=True)
-        results["longest_tokens"] = n_long
-        results["longest_limit_gib"] = args.limit_gib
-        results["longest_probes"] = {str(k): v for k, v in sorted(probes.items())}
-        cases.append((n_long, args.budget))
+    if args.longest:  # each probe its own process: see longest.py
+        import longest
+
+        longest_argv = ["--ours", args.longest_ours, "--ct", args.longest_ct]
+        longest_argv += ["--ct-batch", str(args.batch_size), "--budget", str(args.budget)]
+        longest_argv += ["--limit-gib", str(args.limit_gib), "--batch-size", str(args.ours_batch)]
+        if args.spill_dir:
+            longest_argv += ["--spill-dir", args.spill_dir]
+        return longest.main(longest_argv)
 
     header = (
         f"{'case':>14} {'features':>9} {'nodes':>7} {'L0':>6} {'time s':>8} "
