@@ -132,20 +132,39 @@ def _tmp_prefix(name: str, pid: int | None = None) -> str:
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove temporaries of ``path`` left by writers of this host that no longer run."""
     pattern = re.compile(
-        re.escape(f".{path.name[:_TMP_NAME_CHARS]}.{_host_tag()}.") + r"(\d+)\.[^.]+\.tmp"
+        re.escape(f".{path.name[:_TMP_NAME_CHARS]}.{_host_tag()}.") + r"(?P<pid>\d+)\.[^.]+\.tmp"
     )
+    for dead in _left_by_dead_processes(path.parent, pattern):
+        _remove_if(dead, stat.S_ISREG)
+
+
+def _left_by_dead_processes(
+    directory: Path, pattern: re.Pattern[str], wanted: Callable[[re.Match[str]], bool] | None = None
+) -> Iterator[Path]:
+    """Entries of ``directory`` whose name matches ``pattern`` (a ``pid`` group: the
+    process that made it, on this host) and ``wanted``, and whose process no longer runs."""
     try:
-        names = os.listdir(path.parent)
+        names = os.listdir(directory)
     except OSError:
         return
     for name in names:
         match = pattern.fullmatch(name)
-        if match is None or _running(int(match.group(1))):
+        if match is None or (wanted is not None and not wanted(match)):
             continue
-        with contextlib.suppress(OSError):
-            st = os.lstat(path.parent / name)
-            if stat.S_ISREG(st.st_mode):
-                os.unlink(path.parent / name)
+        if not _running(int(match.group("pid"))):
+            yield directory / name
+
+
+def _remove_if(path: Path, kind: Callable[[int], bool]) -> None:
+    """Remove ``path`` if ``kind(its lstat mode)`` (a file, or a directory tree)."""
+    with contextlib.suppress(OSError):
+        mode = os.lstat(path).st_mode
+        if not kind(mode):
+            return
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
 
 
 def _running(pid: int) -> bool:
@@ -245,18 +264,9 @@ def remove_dead_temporaries(directory: Path, target: Callable[[str], bool]) -> N
     ``target(name)`` is true, left by writers of this host that no longer run (a writer
     killed outright). For formats whose file names vary from write to write (content
     addressed), which a write of one name alone would never clean."""
-    pattern = re.compile(r"\.(.+)\." + re.escape(_host_tag()) + r"\.(\d+)\.[^.]+\.tmp")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match is None or not target(match.group(1)) or _running(int(match.group(2))):
-            continue
-        with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.lstat(directory / name).st_mode):
-                os.unlink(directory / name)
+    pattern = re.compile(r"\.(.+)\." + re.escape(_host_tag()) + r"\.(?P<pid>\d+)\.[^.]+\.tmp")
+    for dead in _left_by_dead_processes(directory, pattern, lambda m: target(m.group(1))):
+        _remove_if(dead, stat.S_ISREG)
 
 
 #: safetensors' dtype code of each torch dtype name
@@ -394,15 +404,6 @@ class SpillFile:
 def _remove_dead_spills(parent: Path) -> None:
     """Remove spill directories in ``parent`` left by this host's processes that no longer
     run."""
-    pattern = re.compile(re.escape(f"{_SPILL_PREFIX}.{_host_tag()}.") + r"(\d+)\..+")
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match is None or _running(int(match.group(1))):
-            continue
-        path = parent / name
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            shutil.rmtree(path, ignore_errors=True)
+    pattern = re.compile(re.escape(f"{_SPILL_PREFIX}.{_host_tag()}.") + r"(?P<pid>\d+)\..+")
+    for dead in _left_by_dead_processes(parent, pattern):
+        _remove_if(dead, stat.S_ISDIR)
