@@ -3,8 +3,9 @@
 Model and transcoders: those of ``bench_graph.py`` (random GPT-2-small-shaped model, random
 JumpReLU transcoders, d_sae 8192, ~64 active features per layer and position, calibrated
 at the traced length). A budgeted graph (default 4,096 features) is built on a 64-token
-prompt (not timed here: see ``bench_graph.py``); then, at ``--layer`` (default the last,
-where the most nodes write below):
+prompt (not timed here: see ``bench_graph.py``; built once and saved under
+``benchmarks/results/`` by ``bench_heads.benchmark_graph``, loaded by later runs);
+then, at ``--layer`` (default the last, where the most nodes write below):
 
 - ``graph forward``: ``QKBasis.from_graph(..., method="forward")``: every node propagated
   to ``resid_pre(layer)`` once (``forward table``), then every head at the last query
@@ -38,11 +39,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_graph import gpt2_small_random, measure, random_prompt
+from bench_graph import measure
+from bench_heads import benchmark_graph
 
 from tl_circuits import QKAttribution, QKBasis
-from tl_circuits.graph import AttributionGraph
-from tl_circuits.testing import random_transcoders
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qk.json"
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=-1, help="default: the last layer")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rebuild", action="store_true", help="build the graph again")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
         "--only",
@@ -90,22 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = gpt2_small_random(args.seed)
-    tcs = random_transcoders(
-        model,
-        "jumprelu",
-        d_sae=8192,
-        active_fraction=64 / 8192,
-        seed=args.seed,
-        calibration_positions=args.tokens,
-    )
-    tokens = random_prompt(args.tokens)
+    graph, build_s = benchmark_graph(args.tokens, args.budget, args.seed, args.rebuild)
+    assert graph.context is not None
+    model, tokens = graph.context.model, graph.tokens
     layer = args.layer % model.cfg.n_layers
-    print(f"model + transcoders in {time.perf_counter() - t0:.1f}s", flush=True)
-    t0 = time.perf_counter()
-    graph = AttributionGraph.build(model, tcs, tokens, max_feature_nodes=args.budget)
-    build_s = time.perf_counter() - t0
-    print(f"graph ({len(graph.nodes)} nodes) in {build_s:.1f}s", flush=True)
+    print(
+        f"graph ({len(graph.nodes)} nodes, built in {build_s:.1f}s) ready in "
+        f"{time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     query = args.tokens - 1
     steps = {}
     if only & {"forward_table", "forward_all_heads"}:

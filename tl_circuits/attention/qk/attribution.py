@@ -205,13 +205,9 @@ class QKAttribution:
         """Terms ``[n_q, n_k]`` at ``key_pos[key_index]``."""
         return self.q_vectors @ self.k_vectors[:, key_index].T / self.attn_scale
 
-    def competition_terms(self, key_index: int) -> Float[Tensor, "n_q n_k"]:
-        """Softmax-competition terms of ``key_pos[key_index]``: they sum to
-        ``score_k - sum_j p_j score_j`` over the keys the head can attend to.
-
-        Needs every key with nonzero attention among ``key_pos`` (compute with the default
-        ``key_pos``); raises :class:`QKError` otherwise.
-        """
+    def _competition_keys(self, key_index: int) -> Tensor:
+        """``k_j(k) - sum_l p_l k_j(l)`` ``[n_k, d_head]``: the key side of the competition
+        terms of ``key_pos[key_index]`` (see :meth:`competition_terms`)."""
         covered = float(self.pattern.sum())
         if abs(covered - 1.0) > 1e-4:
             raise QKError(
@@ -220,7 +216,16 @@ class QKAttribution:
             )
         p = self.pattern.to(self.k_vectors.dtype)
         mean_k = torch.einsum("k,jke->je", p, self.k_vectors)  # [n_k, d_head]
-        return self.q_vectors @ (self.k_vectors[:, key_index] - mean_k).T / self.attn_scale
+        return self.k_vectors[:, key_index] - mean_k
+
+    def competition_terms(self, key_index: int) -> Float[Tensor, "n_q n_k"]:
+        """Softmax-competition terms of ``key_pos[key_index]``: they sum to
+        ``score_k - sum_j p_j score_j`` over the keys the head can attend to.
+
+        Needs every key with nonzero attention among ``key_pos`` (compute with the default
+        ``key_pos``); raises :class:`QKError` otherwise.
+        """
+        return self.q_vectors @ self._competition_keys(key_index).T / self.attn_scale
 
     def competition_score(self, key_index: int) -> float:
         """``score_k - sum_j p_j score_j`` (what the competition terms sum to)."""
@@ -231,9 +236,15 @@ class QKAttribution:
     ) -> list[QKTerm]:
         """The ``k`` largest terms at ``key_pos[key_index]`` (by |value|, or the most positive
         / most negative with ``sign="positive"`` / ``"negative"``), as (query id, key id,
-        value); ``competition=True`` ranks the competition terms instead."""
-        t = self.competition_terms(key_index) if competition else self.key_terms(key_index)
-        return _ranked(t, self.q_components, self.k_components, k, sign)
+        value); ``competition=True`` ranks the competition terms instead. The ``n_q x n_k``
+        terms are never formed (:func:`top_products`)."""
+        keys = self._competition_keys(key_index) if competition else self.k_vectors[:, key_index]
+        flat, value = top_products(self.q_vectors, keys, self.attn_scale, k, sign)
+        n_k = len(self.k_components)
+        return [
+            QKTerm(int(self.q_components[f // n_k]), int(self.k_components[f % n_k]), float(v))
+            for f, v in zip(flat.tolist(), value.tolist(), strict=True)
+        ]
 
     def query_marginals(self) -> Float[Tensor, "n_keys n_q"]:
         """Each query component's total over key components, per key."""
@@ -249,19 +260,21 @@ class QKAttribution:
         return c.sum(1), c.sum(0)
 
     def sparse_terms(self, top_k: int) -> SparseQKTerms:
-        """The ``top_k`` largest-|value| terms per key and the remainder (exact sums),
-        built key by key (never the dense ``[n_keys, n_q, n_k]`` tensor)."""
-        qs, ks, vs, rest = [], [], [], []
+        """The ``top_k`` largest-|value| terms per key and the remainder ``scores - their
+        sum`` (the sum of every other term), key by key from the component vectors
+        (:func:`top_products`; neither ``[n_keys, n_q, n_k]`` nor one key's ``[n_q, n_k]``
+        is formed)."""
+        qs, ks, vs = [], [], []
         n_k = len(self.k_components)
         for key_index in range(len(self.key_pos)):
-            terms = self.key_terms(key_index)
-            top = _top_flat(terms, top_k, "both")
-            t = terms.flatten()
-            qs.append(self.q_components[top // n_k])
-            ks.append(self.k_components[top % n_k])
-            vs.append(t[top])
-            rest.append(t.sum() - t[top].sum())
-        return SparseQKTerms(torch.stack(qs), torch.stack(ks), torch.stack(vs), torch.stack(rest))
+            flat, value = top_products(
+                self.q_vectors, self.k_vectors[:, key_index], self.attn_scale, top_k, "both"
+            )
+            qs.append(self.q_components[flat // n_k])
+            ks.append(self.k_components[flat % n_k])
+            vs.append(value)
+        value = torch.stack(vs)
+        return SparseQKTerms(torch.stack(qs), torch.stack(ks), value, self.scores - value.sum(1))
 
     def label(self, component: int) -> str:
         """Human-readable name of a component id."""
@@ -315,6 +328,61 @@ def _ids(rows: Tensor, table: ComponentTable) -> Tensor:
     return ids
 
 
+#: query rows in the first block of :func:`top_products` (each next block is 4x larger)
+TOP_BLOCK = 32
+
+
+def top_products(
+    q: Tensor, k: Tensor, scale: float, count: int, sign: str
+) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest entries of ``T = q @ k.T / scale`` (``q`` ``[n_q, d]``, ``k``
+    ``[n_k, d]``) by |value| (``sign="both"``), value (``"positive"``) or -value
+    (``"negative"``), ranked: ``(flat, value)``, flat indices ``i * n_k + j`` and values.
+
+    Exact without forming ``T``: ``|T[i, j]| <= |q_i| |k_j| / scale`` (Cauchy-Schwarz).
+    Query rows are taken in growing blocks by decreasing norm and each block meets only the keys
+    whose bound can still beat the current ``count``-th best entry ``tau``; the search
+    stops when a block's largest bound cannot. Every entry left out is bounded by ``tau``,
+    so the ones returned are the largest (up to ties).
+    """
+    if sign not in ("both", "positive", "negative"):
+        raise QKError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
+    n_q, n_k = q.shape[0], k.shape[0]
+    count = min(count, n_q * n_k)
+    best_value = torch.empty(0, dtype=q.dtype, device=q.device)
+    best_flat = torch.empty(0, dtype=torch.long, device=q.device)
+    if count == 0:
+        return best_flat, best_value
+    q_norm, q_order = torch.sort(q.norm(dim=1), descending=True)
+    k_norm, k_order = torch.sort(k.norm(dim=1), descending=True)
+    slack = (1 + 1e-4) / abs(scale)  # bound a little above the rounded products
+    r0, size = 0, TOP_BLOCK
+    while r0 < n_q:
+        tau = (
+            float(_rank_key(best_value[count - 1 :], sign)[0])
+            if len(best_value) >= count
+            else -float("inf")
+        )
+        a_max = float(q_norm[r0]) * slack
+        if a_max * float(k_norm[0]) <= tau:
+            break  # no later block can beat tau
+        n_cols = int((k_norm * a_max > tau).sum())  # a prefix of the sorted keys
+        rows, cols = q_order[r0 : r0 + size], k_order[:n_cols]
+        r0, size = r0 + size, 4 * size  # a small first block finds tau; later ones grow
+        block = q[rows] @ k[cols].T / scale
+        top = _top_flat(block, count, sign)
+        value = torch.cat([best_value, block.flatten()[top]])
+        flat = torch.cat([best_flat, rows[top // n_cols] * n_k + cols[top % n_cols]])
+        order = _rank_key(value, sign).topk(min(count, len(value))).indices
+        best_value, best_flat = value[order], flat[order]
+    return best_flat, best_value
+
+
+def _rank_key(value: Tensor, sign: str) -> Tensor:
+    """What ``sign`` ranks by: |value|, value or -value."""
+    return value.abs() if sign == "both" else (value if sign == "positive" else -value)
+
+
 def _top_flat(t: Tensor, k: int, sign: str) -> Tensor:
     """Flat indices (into ``t.flatten()``) of the ``k`` largest entries of ``t`` ``[n_q, n_k]``
     by |value| (``sign="both"``), value (``"positive"``) or -value (``"negative"``), ranked.
@@ -323,8 +391,6 @@ def _top_flat(t: Tensor, k: int, sign: str) -> Tensor:
     whose own largest entry ranks highest (any other row has ``k`` better entries above all
     of its own), so only those rows are ranked.
     """
-    if sign not in ("both", "positive", "negative"):
-        raise QKError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
     n_q, n_k = t.shape
     k = min(k, n_q * n_k)
     if sign == "both":
@@ -333,18 +399,8 @@ def _top_flat(t: Tensor, k: int, sign: str) -> Tensor:
     else:
         row_best = t.amax(1) if sign == "positive" else -t.amin(1)
     rows = row_best.topk(min(k, n_q)).indices
-    sub = t[rows]
-    key = {"both": sub.abs(), "positive": sub, "negative": -sub}[sign]
-    order = key.flatten().topk(k).indices
+    order = _rank_key(t[rows], sign).flatten().topk(k).indices
     return rows[order // n_k] * n_k + order % n_k
-
-
-def _ranked(t: Tensor, q_ids: Tensor, k_ids: Tensor, k: int, sign: str) -> list[QKTerm]:
-    flat, n_k = t.flatten(), t.shape[1]
-    order = _top_flat(t, k, sign)
-    return [
-        QKTerm(int(q_ids[f // n_k]), int(k_ids[f % n_k]), float(flat[f])) for f in order.tolist()
-    ]
 
 
 def _clean_pattern(basis: QKBasis, head: int, query_pos: int, keys: list[int]) -> Tensor:

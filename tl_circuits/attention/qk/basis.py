@@ -88,9 +88,11 @@ class QKBasis(BasisParts):
         - ``"reverse"``: one reverse pass per query / key dimension and position asked for
           (``d_head`` rows per position; :mod:`~tl_circuits.attention.qk.reverse`), cached;
         - ``"auto"`` (default): reverse while the seeds run stay within the forward
-          propagation's row count, then the forward table for everything after; one head
-          at a few positions costs a few reverse passes, all heads of a layer one forward
-          propagation (plus at most as much again spent before switching).
+          propagation's row count (and one request's within half of it), then the forward
+          table for everything after; one head at a few positions costs a few reverse
+          passes, all heads of a layer one forward propagation (plus at most as much again
+          spent before switching; a request for every key of a head goes to the table at
+          once).
 
         Nothing is computed until :meth:`project` (or :attr:`contributions`) asks.
         """
@@ -202,15 +204,21 @@ class QKBasis(BasisParts):
         return vec
 
     def _project_residual(self, rows: Tensor, positions: Sequence[int], W: Tensor) -> Tensor:
-        """``ln1(x) @ W`` (frozen scale, no bias) of the contributions ``x`` of ``rows``."""
+        """``ln1(x) @ W`` (frozen scale, no bias) of the contributions ``x`` of ``rows``,
+        as ``(x @ W_ln) / s``: ln1's weight and centring folded into ``W``
+        (``centre(x) . u = x . centre(u)``), so the contributions are read once and no
+        normalised copy of them is made."""
         resid = self.contributions(rows, positions).to(W.dtype)  # [n, P, d_model]
-        if "ln1" in self.frozen:
-            pos = torch.as_tensor(list(positions), dtype=torch.long)
-            ln1: FrozenNorm = frozen_norm(
-                self.model.blocks[self.layer].ln1, self.frozen["ln1"][pos]
-            ).to(W.dtype)
-            resid = ln1.forward_linear(resid)
-        return resid @ W
+        if "ln1" not in self.frozen:
+            return resid @ W
+        pos = torch.as_tensor(list(positions), dtype=torch.long)
+        ln1: FrozenNorm = frozen_norm(
+            self.model.blocks[self.layer].ln1, self.frozen["ln1"][pos]
+        ).to(W.dtype)
+        folded = W if ln1.weight is None else ln1.weight[:, None] * W
+        if ln1.centre:
+            folded = folded - folded.mean(0, keepdim=True)
+        return (resid @ folded).div_(ln1.scale)  # scale [P, 1]
 
 
 def _rotary(attn: Any, vec: Tensor, pos: Tensor) -> Tensor:

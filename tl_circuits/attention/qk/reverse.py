@@ -52,9 +52,12 @@ class ReverseHeadVectors:
 
     ``method``: "reverse" always answers; "forward" never does; "auto" answers while the
     seeds run so far plus the new ones stay within ``n_forward_rows`` (the rows one forward
-    propagation of every node costs) and the forward table is not built
-    (``forward_built()``). Past that budget the forward table is cheaper for everything
-    that follows, so the total never exceeds about twice the cheaper of the two.
+    propagation of every node costs), the new ones alone within half of it, and the forward
+    table is not built (``forward_built()``). Past that budget the forward table is cheaper
+    for everything that follows, so the total never exceeds about twice the cheaper of the
+    two; a single request costing more than half the table goes to the table at once (it
+    would cost at least half as much again by reverse passes, and every later request is
+    then free).
     ``seeds_run`` counts the seed rows propagated so far.
     """
 
@@ -164,7 +167,8 @@ class ReverseHeadVectors:
             return True
         if self.forward_built():
             return False
-        return self.seeds_run + len(todo) * self.model.cfg.d_head <= self.n_forward_rows
+        new = len(todo) * self.model.cfg.d_head
+        return 2 * new <= self.n_forward_rows and self.seeds_run + new <= self.n_forward_rows
 
     def vectors(
         self,
