@@ -255,3 +255,16 @@ def test_selection_ties_are_recorded_when_the_budget_reaches_zero_influence() ->
     assert near_all.info["selection_ties"] > 0
     again = _build(model, tcs, n_active - 3)
     assert torch.equal(again.nodes.feature, near_all.nodes.feature)  # deterministic
+
+
+@pytest.mark.parametrize("n_pos", [300, 513, 700, 1030])
+def test_blocked_causal_pattern_product_equals_the_full_one(n_pos: int) -> None:
+    from tl_circuits.replacement.frozen import causal_mix_
+
+    g = torch.Generator().manual_seed(n_pos)
+    pattern = torch.rand(3, n_pos, n_pos, generator=g).tril()  # [heads, q, k], causal
+    pattern /= pattern.sum(-1, keepdim=True)
+    gz = torch.randn(3, n_pos, 10, generator=g)
+    out = torch.full((3, n_pos, 10), float("nan"))
+    causal_mix_(pattern.transpose(1, 2), gz, out)
+    torch.testing.assert_close(out, torch.bmm(pattern.transpose(1, 2), gz), rtol=1e-5, atol=1e-6)
