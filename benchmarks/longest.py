@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import subprocess
@@ -35,6 +36,10 @@ HERE = Path(__file__).resolve().parent
 GiB = 2**30
 
 
+class _Stop(Exception):
+    """Ends a partial probe after ``--max-batches`` feature batches."""
+
+
 def probe(argv: list[str]) -> int:
     """Run one build in this process and print its measurements as one JSON line."""
     ap = argparse.ArgumentParser()
@@ -45,6 +50,12 @@ def probe(argv: list[str]) -> int:
     ap.add_argument("--spill-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ready-file", default=None, help="written with RSS just before the build")
+    ap.add_argument(
+        "--max-batches", type=int, default=0,
+        help="ours: stop after this many feature batches (a partial run: time per batch, "
+        "memory so far, where the time goes)",
+    )
+    ap.add_argument("--profile", action="store_true", help="cProfile the build")
     args = ap.parse_args(argv)
     sys.path[:0] = [str(HERE), str(HERE.parent)]
     import bench_graph as bg
@@ -77,10 +88,27 @@ def probe(argv: list[str]) -> int:
             return need, lim
 
         build_mod._check_memory = check
-        run = lambda: AttributionGraph.build(  # noqa: E731
-            model, tcs, prompt, max_feature_nodes=args.budget, batch_size=args.batch_size,
-            show_progress=False, spill_dir=args.spill_dir, memory_limit_bytes=2**50,
-        )
+        batch_ends: list[float] = []
+        real_rows = build_mod._RowPasses.feature_rows
+
+        def feature_rows(self, rows):
+            if args.max_batches and len(batch_ends) >= args.max_batches:
+                raise _Stop
+            out = real_rows(self, rows)
+            batch_ends.append(time.perf_counter())
+            return out
+
+        build_mod._RowPasses.feature_rows = feature_rows
+
+        def run():
+            try:
+                return AttributionGraph.build(
+                    model, tcs, prompt, max_feature_nodes=args.budget,
+                    batch_size=args.batch_size, show_progress=False, spill_dir=args.spill_dir,
+                    memory_limit_bytes=2**50,
+                )
+            except _Stop:
+                return None
     else:
         ct, why = bg.import_circuit_tracer()
         if ct is None:
@@ -94,11 +122,25 @@ def probe(argv: list[str]) -> int:
     bg.release_freed_memory()
     if args.ready_file:
         Path(args.ready_file).write_text(str(bg.rss_bytes()))
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    t_start = time.perf_counter()
     graph, m = bg.measure(run)
+    if profiler is not None:
+        profiler.disable()
+        out["profile_top"] = bg.top_functions(profiler, 25)
     out.update(m)
+    if args.system == "ours" and batch_ends:
+        gaps = [b - a for a, b in zip([t_start, *batch_ends], batch_ends)]
+        out["batches_done"] = len(batch_ends)
+        out["first_batch_s"] = batch_ends[0] - t_start  # incl. the target rows and setup
+        out["batch_s"] = gaps[1:]
+    out["partial"] = graph is None
     if args.system == "ours":
         out["estimate_bytes"] = estimates[-1]
         out["estimate_over_measured"] = estimates[-1] / max(m["build_memory_bytes"], 1)
+    if graph is not None and args.system == "ours":
         out["selection_ties"] = graph.info.get("selection_ties")
         out["feature_nodes"] = int(graph.indices("feature").numel())
     print("PROBE " + json.dumps(out), flush=True)

@@ -203,11 +203,12 @@ class FrozenBlock:
         causal_mix_(pattern_t, gz_heads.view(n_heads, n_pos, batch * d_head), gv)
         if values is not None:
             values(gv.view(n_heads, n_pos, batch, d_head))
-        out_2d = out.view(rows, d_model)
-        gv_heads = gv.view(n_heads, rows, d_head)
-        torch.mm(gv_heads[0], self.W_V[0].T, out=out_2d)
-        for h in range(1, n_heads):
-            out_2d.addmm_(gv_heads[h], self.W_V[h].T)
+        # W_V over all heads as one GEMM on a row-major copy ([rows, heads * d_head], in
+        # heads_b: the head-major gz is no longer needed)
+        gv_rows = heads_b[: rows * width].view(rows, n_heads, d_head)
+        gv_rows.copy_(gv.view(n_heads, rows, d_head).transpose(0, 1))
+        w_v = self.W_V.permute(0, 2, 1).reshape(width, d_model)  # [heads * d_head, d_model]
+        torch.mm(gv_rows.view(rows, width), w_v, out=out.view(rows, d_model))
         norm_adjoint_(self.ln1, out)
 
     def attn_forward(self, x: Tensor, first_pos: int = 0) -> Tensor:

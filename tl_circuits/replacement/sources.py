@@ -339,11 +339,11 @@ class ColumnSink:
             decoder = decoders.decoder(chunk.source, layer)
             dec = decoder.index_select(0, ids.reshape(-1)).to(dtype)
             dec = dec.view(len(ids), ids.shape[1], -1)  # [positions, width, d_model]
-            # [positions, B, width] -> the chunk's columns, in column order
-            dots = torch.bmm(grad[:, chunk.p0 : p1].transpose(0, 1), dec.transpose(1, 2))
-            flat = dots.permute(1, 0, 2).reshape(batch, -1)
-            valid = chunk.valid if p1 == chunk.p1 else chunk.valid[chunk.valid < flat.shape[1]]
-            self.edges[:, chunk.c0 : chunk.c0 + len(valid)] += flat.index_select(1, valid)
+            # [positions, width, B]: its (position, slot) rows are the chunk's columns
+            dots = torch.bmm(dec, grad[:, chunk.p0 : p1].transpose(0, 1).transpose(1, 2))
+            flat = dots.view(-1, batch)
+            valid = chunk.valid if p1 == chunk.p1 else chunk.valid[chunk.valid < len(flat)]
+            self.edges[:, chunk.c0 : chunk.c0 + len(valid)] += flat.index_select(0, valid).T
         self._dot_per_position(grad, self.ctx.compute_errors[layer], self.error_cols[layer])
 
     def attn_out(self, layer: int, grad: Tensor) -> None:
