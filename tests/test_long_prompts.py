@@ -268,3 +268,31 @@ def test_blocked_causal_pattern_product_equals_the_full_one(n_pos: int) -> None:
     out = torch.full((3, n_pos, 10), float("nan"))
     causal_mix_(pattern.transpose(1, 2), gz, out)
     torch.testing.assert_close(out, torch.bmm(pattern.transpose(1, 2), gz), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "kind"), [("gpt2", "relu"), ("llama", "clt")])
+def test_ranking_with_or_without_kept_candidates_is_the_same(
+    family: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The visited-by-visited block gets an earlier row's entries in a new column either
+    from the previous read (the column was a candidate) or from one more read of the stored
+    rows: the same numbers, so the same graph, bit for bit."""
+    from tl_circuits.graph import budget
+
+    model, tcs = _setup(family, kind)
+    extra: list[int] = []
+    real_add = budget._Ranking.add_batch
+
+    def add_batch(self, *args):
+        real_add(self, *args)
+        extra.append(self.extra_reads)
+
+    monkeypatch.setattr(budget._Ranking, "add_batch", add_batch)
+    with_candidates = _build(model, tcs, 40)
+    reads_with = extra[-1]
+    monkeypatch.setattr(budget, "CANDIDATES_PER_TAKE", 0)  # no candidates: always read again
+    extra.clear()
+    without = _build(model, tcs, 40)
+    assert extra[-1] == len(extra) - 1 > reads_with  # every batch after the first read again
+    assert torch.equal(with_candidates.nodes.feature, without.nodes.feature)
+    assert torch.equal(with_candidates.adjacency, without.adjacency)

@@ -203,6 +203,11 @@ class Selection:
     tied_at_cut: int = 0
 
 
+#: features whose stored-row entries the ranking's read also keeps, per batch taken: the
+#: next batch is almost always among the top ones of the current influence (it only grows)
+CANDIDATES_PER_TAKE = 4
+
+
 def select_by_influence(
     store: CausalRows,
     target_rows: Tensor,
@@ -217,32 +222,130 @@ def select_by_influence(
     storing them in ``store``.
 
     Before each batch, every feature's influence on the targets is recomputed from the rows
-    known so far (``target_rows`` ``[n_tgt, n_cols]`` and the visited features') and the
-    top unvisited features are computed next (:func:`top_unvisited`). Returns the visited
-    feature indices in visiting order (the order of ``store``'s slots) and the tie count.
+    known so far (``target_rows`` ``[n_tgt, n_cols]`` and the visited features';
+    :class:`_Ranking`) and the top unvisited features are computed next
+    (:func:`top_unvisited`). Returns the visited feature indices in visiting order (the
+    order of ``store``'s slots) and the tie count.
     """
-    n_feat, dtype, device = store.n_feat, target_rows.dtype, target_rows.device
-    weights = normalized_target_weights(target_list, dtype).to(device)
-    target_totals = target_rows.abs().sum(1)
-    totals = torch.zeros(budget, dtype=dtype, device=device)
+    n_feat, device = store.n_feat, target_rows.device
+    ranking = _Ranking(store, target_rows, target_list, budget)
     chosen = torch.zeros(0, dtype=torch.long, device=device)
     visited = torch.zeros(n_feat, dtype=torch.bool, device=device)
     tied = 0
+    candidates = chosen
     while len(chosen) < budget:
         n_done = len(chosen)
-        influence = influence_from_rows(
-            store, target_rows, target_totals, totals[:n_done], chosen, weights
-        )
         take = min(batch_size, budget - n_done)
+        influence, kept = ranking.influence(chosen, candidates)
         idx, n_tied = top_unvisited(influence, visited, take)
         tied += n_tied
         visited[idx] = True
+        # the next read keeps the entries of the likeliest next batch's columns
+        candidates = top_unvisited(influence, visited, CANDIDATES_PER_TAKE * batch_size)[0]
         idx, dense = feature_rows(idx)  # in the order the passes computed them
-        totals[n_done : n_done + take] = dense.abs().sum(1)
+        ranking.add_batch(chosen, idx, dense, kept)
         store.add(idx, dense)
         chosen = torch.cat([chosen, idx])
         progress.update(take)
     return Selection(chosen, tied)
+
+
+class _Ranking:
+    """The influence of every feature on the targets, from the rows computed so far.
+
+    ``B`` is ``|row| / total`` (each row normalised by its total over all columns, as in
+    pruning); influence ``= x_1 + sum_k y_k @ B_done`` with ``x_1 = w B_targets`` and
+    ``y_1 = x_1[done]``, ``y_{k+1} = y_k @ B_done[:, done]``. The series runs on the
+    visited-by-visited block ``square`` (``[budget, budget]``, slot order), kept up to date
+    as batches arrive: a new row's entries from its dense row, an earlier row's entries in
+    the new columns from what the previous read kept (``kept``: the entries of the
+    candidates' columns) or, for a column that was not a candidate, from one more read of
+    the stored rows. Then one read of the stored groups adds each group's weighted
+    ``|values|`` into its feature columns (no dense row block is formed). The entries are
+    the same numbers whichever way they arrive, so the ranking is the same.
+    """
+
+    def __init__(
+        self, store: CausalRows, target_rows: Tensor, targets: list[Target], budget: int
+    ) -> None:
+        dtype, device = target_rows.dtype, target_rows.device
+        self.store, self.n_feat = store, store.n_feat
+        self.tiny = torch.finfo(dtype).tiny
+        weights = normalized_target_weights(targets, dtype).to(device)
+        totals = target_rows.abs().sum(1)[:, None].clamp_min(self.tiny)
+        self.x_1 = weights @ (target_rows[:, : self.n_feat].abs() / totals)
+        self.scale = torch.zeros(budget, dtype=dtype, device=device)  # 1 / row total
+        self.square = torch.zeros(budget, budget, dtype=dtype, device=device)
+        self.extra_reads = 0  # reads for columns that were not candidates
+
+    def influence(self, done: Tensor, candidates: Tensor) -> tuple[Tensor, _Kept]:
+        """``(influence [n_features], kept)``: ``kept`` holds the stored rows' scaled
+        ``|entries|`` in the ``candidates``' columns, read on the way."""
+        x = self.x_1.clone()
+        n_done = len(done)
+        kept = _Kept.of(candidates, n_done, self.n_feat, x)
+        if n_done == 0:
+            return x, kept
+        square, scale = self.square[:n_done, :n_done], self.scale[:n_done]
+        y = x[done]
+        y_sum = torch.zeros_like(y)
+        for _ in range(n_done):  # a DAG: the series ends after the longest path
+            y_sum += y
+            y = y @ square
+            if not bool(y.any()):
+                break
+        weight = y_sum * scale
+        for slots, cols, n_fc, values in self.store.items():
+            if n_fc:
+                x.index_add_(0, cols[:n_fc], weight[slots] @ values[:, :n_fc].abs())
+                kept.take(slots, cols[:n_fc], values, scale)
+        return x, kept
+
+    def add_batch(self, done: Tensor, new: Tensor, dense: Tensor, kept: _Kept) -> None:
+        """Extend ``square`` by the batch ``new`` (its rows ``dense`` ``[n, >= n_cols]``),
+        visited after ``done``: the earlier rows' entries in the new columns, the new rows'
+        entries in every visited column, and the new rows' scales."""
+        n_done, n_new = len(done), len(new)
+        stop = n_done + n_new
+        self.scale[n_done:stop] = 1.0 / dense.abs().sum(1).clamp_min(self.tiny)
+        if n_done:
+            found = kept.slot_of[new]  # where each new column is in kept, or -1
+            have = (found >= 0).nonzero(as_tuple=True)[0]
+            self.square[:n_done, n_done + have] = kept.values[:, found[have]]
+            missing = (found < 0).nonzero(as_tuple=True)[0]
+            if len(missing):
+                self.extra_reads += 1
+                again = _Kept.of(new[missing], n_done, self.n_feat, self.square)
+                for slots, cols, n_fc, values in self.store.items():
+                    again.take(slots, cols[:n_fc], values, self.scale[:n_done])
+                self.square[:n_done, n_done + missing] = again.values
+        every = torch.cat([done, new])
+        self.square[n_done:stop, :stop] = dense[:, every].abs() * self.scale[n_done:stop, None]
+
+
+@dataclass
+class _Kept:
+    """Scaled ``|entries|`` of the stored rows in some feature columns: ``values[slot,
+    j]`` for the column ``columns[j]`` (``slot_of[feature]``: its ``j``, or -1)."""
+
+    columns: Tensor
+    slot_of: Tensor
+    values: Tensor
+
+    @classmethod
+    def of(cls, columns: Tensor, n_rows: int, n_feat: int, like: Tensor) -> _Kept:
+        slot_of = torch.full((n_feat,), -1, dtype=torch.long, device=like.device)
+        slot_of[columns] = torch.arange(len(columns), device=like.device)
+        return cls(columns, slot_of, like.new_zeros(n_rows, len(columns)))
+
+    def take(self, slots: Tensor, feature_cols: Tensor, values: Tensor, scale: Tensor) -> None:
+        """Keep the entries of the stored chunk ``values`` (rows ``slots``, its first
+        columns ``feature_cols``) that fall in the kept columns."""
+        at = self.slot_of[feature_cols]
+        keep = (at >= 0).nonzero(as_tuple=True)[0]
+        if len(keep):
+            block = values[:, keep].abs() * scale[slots, None]
+            self.values[slots[:, None], at[keep][None, :]] = block
 
 
 def top_unvisited(influence: Tensor, visited: Tensor, take: int) -> tuple[Tensor, int]:
@@ -255,50 +358,3 @@ def top_unvisited(influence: Tensor, visited: Tensor, take: int) -> tuple[Tensor
         return idx, 0
     cut = influence[order[take]]  # the best feature left out
     return idx, int((influence[idx] == cut).sum())
-
-
-def influence_from_rows(
-    store: CausalRows,
-    target_rows: Tensor,
-    target_totals: Tensor,
-    totals: Tensor,
-    done: Tensor,
-    weights: Tensor,
-) -> Tensor:
-    """Influence on the targets of every feature, from the rows computed so far.
-
-    ``B`` is ``|row| / totals`` (each row normalised by its total over all columns, as in
-    pruning); influence ``= x_1 + sum_k y_k @ B_done`` with ``x_1 = w B_targets`` and
-    ``y_1 = x_1[done]``, ``y_{k+1} = y_k @ B_done[:, done]``: the series runs on the small
-    visited-by-visited block, read off the stored causal groups, and each group adds its
-    rows' weighted ``|values|`` into its feature columns (no dense row block is formed).
-    ``totals[i]`` is visited row ``i``'s total (visiting order, ``done``).
-    """
-    n_feat = store.n_feat
-    tiny = torch.finfo(target_rows.dtype).tiny
-    x = weights @ (target_rows[:, :n_feat].abs() / target_totals[:, None].clamp_min(tiny))
-    n_done = len(done)
-    if n_done == 0:
-        return x
-    scale = 1.0 / totals.clamp_min(tiny)
-    slot_of = torch.full((n_feat,), -1, dtype=torch.long, device=x.device)
-    slot_of[done] = torch.arange(n_done, device=x.device)
-    square = x.new_zeros(n_done, n_done)
-    for slots, cols, n_fc, values in store.items():
-        col_slot = slot_of[cols[:n_fc]]
-        keep = (col_slot >= 0).nonzero(as_tuple=True)[0]
-        if len(keep):
-            block = values[:, keep].abs() * scale[slots, None]
-            square[slots[:, None], col_slot[keep][None, :]] = block
-    y = x[done]
-    y_sum = torch.zeros_like(y)
-    for _ in range(n_done):  # a DAG: the series ends after the longest path
-        y_sum += y
-        y = y @ square
-        if not bool(y.any()):
-            break
-    weight = y_sum * scale
-    for slots, cols, n_fc, values in store.items():  # a second read (of the spill file)
-        if n_fc:
-            x.index_add_(0, cols[:n_fc], weight[slots] @ values[:, :n_fc].abs())
-    return x
