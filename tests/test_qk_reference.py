@@ -91,7 +91,10 @@ def _check_views(qk: QKAttribution) -> None:
 
 @pytest.mark.parametrize("kind", ["relu", "clt"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_equal_to_the_previous_code_path(family: str, kind: str) -> None:
+def test_equal_to_the_previous_code_path(
+    family: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attribution, "SMALL_TERMS", 0)  # views by the bounded search
     graph = _graph(family, kind)
     model = graph.context.model
     cache = attn_cache(model, graph.tokens)
@@ -126,6 +129,7 @@ def test_top_products_rank_like_a_full_sort(sign: str, block: int, monkeypatch) 
     """Exact against a sort of the formed terms: random factors, a few rows and columns
     with large norms (the bound prunes), zero rows and columns (never computed)."""
     monkeypatch.setattr(attribution, "TOP_BLOCK", block)
+    monkeypatch.setattr(attribution, "SMALL_TERMS", 0)  # the bounded search, always
     gen = torch.Generator().manual_seed(block)
     for trial in range(12):
         n_q, n_k, d = (40, 300, 8) if trial % 2 else (700, 50, 16)

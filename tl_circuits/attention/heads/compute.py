@@ -110,8 +110,8 @@ class _Units:
     ``sources``: the distinct source nodes of the edges and their :class:`SourceWrites`
     (``writes``); ``edge_source[e]``: edge ``e``'s source among them. A unit ``u`` is
     source ``unit_source[u]`` writing at slot ``unit_slot[u]`` (-1: every slot it writes
-    to, when not splitting), sorted by ``unit_start[u]``, the first layer its signal can
-    reach. Pair ``i`` joins edge ``pair_edge[i]`` with unit ``pair_unit[i]`` (slot
+    to, when not splitting), sorted by (position, ``unit_start[u]``: the first layer its
+    signal can reach). Pair ``i`` joins edge ``pair_edge[i]`` with unit ``pair_unit[i]`` (slot
     ``pair_slot[i]``)."""
 
     sources: Tensor

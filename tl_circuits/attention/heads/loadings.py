@@ -143,13 +143,16 @@ class HeadLoadings:
         ``model``/``transcoders``: needed only for a graph without its replacement context
         (one loaded from disk): the context is rebuilt on the graph's prompt.
 
-        Cost: one reverse pass per distinct target row and one forward pass per distinct
-        source per batch of targets, then one contraction per (edge, crossed layer).
+        Cost: one reverse pass per distinct target row (up to its position) and one forward
+        pass per distinct source (from its layer and position), in chunks; one side is held
+        in memory batch by batch and the other recomputed per held batch, whichever costs
+        less (once each when a side fits); then one contraction per (edge, crossed layer)
+        over the positions between source and target, by GEMM where the pairs are dense.
         ``memory_bytes`` (default: 4 GiB or half the free memory of the model's device, host
-        RAM or CUDA, whichever is less)
-        bounds the recorded gradients and forward contributions held at once (it sets the
-        batch sizes unless ``target_batch`` / ``source_batch`` cap them);
-        ``edge_chunk``: edges per gathered contraction.
+        RAM or CUDA, whichever is less) bounds the gradients and forward contributions held
+        at once (1/8 of it per chunk); ``target_batch`` / ``source_batch`` cap the rows per
+        reverse pass (default 256) and the sources per forward pass (default 128);
+        ``edge_chunk``: edges per gathered write-value product.
         """
         for name, value in (
             ("target_batch", target_batch),

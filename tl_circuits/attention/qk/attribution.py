@@ -330,6 +330,9 @@ def _ids(rows: Tensor, table: ComponentTable) -> Tensor:
 
 #: query rows in the first block of :func:`top_products` (each next block is 4x larger)
 TOP_BLOCK = 32
+#: up to this many terms :func:`top_products` forms them at once (a bounded search's many
+#: small steps would cost more)
+SMALL_TERMS = 2**16
 
 
 def top_products(
@@ -353,6 +356,10 @@ def top_products(
     best_flat = torch.empty(0, dtype=torch.long, device=q.device)
     if count == 0:
         return best_flat, best_value
+    if n_q * n_k <= SMALL_TERMS:  # one small GEMM costs less than the search's steps
+        terms = q @ k.T / scale
+        flat = _top_flat(terms, count, sign)
+        return flat, terms.flatten()[flat]
     q_norm, q_order = torch.sort(q.norm(dim=1), descending=True)
     k_norm, k_order = torch.sort(k.norm(dim=1), descending=True)
     slack = (1 + 1e-4) / abs(scale)  # bound a little above the rounded products
