@@ -176,7 +176,7 @@ def test_bad_memory_limit_raises(limit: object) -> None:
          ["available", "batch_size (now", "max_feature_nodes to"]),
         (30_000, 64, ["memory_limit_bytes=30000", "lower batch_size (now 64)"],
          ["available", "max_feature_nodes to"]),
-        (1_000_000, 1, ["set max_feature_nodes to at most about", "(now 400)"],
+        (2_500_000, 1, ["set max_feature_nodes to at most about", "(now 400)"],
          ["available", "lower batch_size"]),
     ],
 )  # fmt: skip
@@ -185,7 +185,7 @@ def test_memory_refusal_names_the_limit_and_the_knobs(
 ) -> None:
     from tl_circuits.default import DEFAULT_PROMPTS
 
-    budget = 400 if limit == 1_000_000 else None
+    budget = 400 if limit == 2_500_000 else None
     with pytest.raises(TLCircuitsError) as info:
         AttributionGraph.build(
             default_model(),

@@ -24,8 +24,18 @@ from tl_circuits.graph.nodes import Target, normalized_target_weights
 from tl_circuits.replacement.sources import SourceColumns
 from tl_circuits.storage import SpillFile
 
-#: rows of a stored group read at once (bounds the ``[rows, n_causal]`` temporaries)
+#: rows of a stored group read at once (bounds the ``[rows, n_causal]`` temporaries) ...
 ROW_CHUNK = 128
+#: ... and at most this many elements (64 MiB of float32): a long prompt's rows are wide
+READ_ELEMENTS = 1 << 24
+#: rows of a batch handled at once while storing it (its ``[rows, n_cols]`` temporaries)
+STORE_ROWS = 8
+
+
+def row_totals(dense: Tensor) -> Tensor:
+    """``|dense|.sum(1)`` ``[n]``, :data:`STORE_ROWS` rows at a time (no ``[n, n_cols]``
+    temporary)."""
+    return torch.cat([r.abs().sum(1) for r in dense.split(STORE_ROWS)])
 
 
 @dataclass
@@ -128,21 +138,25 @@ class CausalRows:
         features = features.cpu()
         layers, poss = table.layer[features], table.pos[features]
         keys = layers * self.columns.n_pos + poss
-        total = dense.abs().sum()
+        total = row_totals(dense).sum()
         kept = dense.new_zeros(())
         for key in keys.unique().tolist():
             mine = (keys == key).nonzero(as_tuple=True)[0]
             layer, pos = divmod(int(key), self.columns.n_pos)
             cols, _ = self.causal_columns(layer, pos)
-            block = dense.index_select(0, mine.to(dense.device)).index_select(1, cols)
-            kept += block.abs().sum()
+            # a few rows at a time: no [rows, n_cols] copy of the group's rows
+            pieces = mine.to(dense.device).split(STORE_ROWS)
+            parts = [dense[m].index_select(1, cols) for m in pieces]
+            kept += sum(part.abs().sum() for part in parts)
             group = self.groups.setdefault((layer, pos), _Group())
             group.slots.append((mine + self.n_rows).to(self.device))
             if self.spill is None:
+                block = parts[0] if len(parts) == 1 else torch.cat(parts)
                 group.pieces.append(_Piece(len(mine), values=block))
-            else:
-                group.pieces.append(_Piece(len(mine), offset=self.spill.append(block)))
-            self.stored_elements += block.numel()
+            else:  # consecutive appends: one piece of the file
+                offsets = [self.spill.append(part) for part in parts]
+                group.pieces.append(_Piece(len(mine), offset=offsets[0]))
+            self.stored_elements += len(mine) * len(cols)
         self.n_rows += len(features)
         if float(total - kept) > 1e-5 * float(total) + 1e-30:
             raise ValueError(
@@ -152,10 +166,12 @@ class CausalRows:
 
     def items(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[Tensor, Tensor, int, Tensor]]:
         """``(slots, causal columns, n_feature_cols, values)`` of every group, in pieces of
-        at most ``chunk`` rows (bounding the temporaries a reader forms from them)."""
+        at most ``chunk`` rows and :data:`READ_ELEMENTS` elements (bounding the temporaries
+        a reader forms from them)."""
         for (layer, pos), group in self.groups.items():
             cols, n_fc = self.causal_columns(layer, pos)
             slots = torch.cat(group.slots)
+            chunk = max(1, min(chunk, READ_ELEMENTS // max(len(cols), 1)))
             for start in range(0, len(slots), chunk):
                 stop = min(start + chunk, len(slots))
                 yield slots[start:stop], cols, n_fc, self._rows(group, start, stop, len(cols))
@@ -307,7 +323,7 @@ class _Ranking:
         entries in every visited column, and the new rows' scales."""
         n_done, n_new = len(done), len(new)
         stop = n_done + n_new
-        self.scale[n_done:stop] = 1.0 / dense.abs().sum(1).clamp_min(self.tiny)
+        self.scale[n_done:stop] = 1.0 / row_totals(dense).clamp_min(self.tiny)
         if n_done:
             found = kept.slot_of[new]  # where each new column is in kept, or -1
             have = (found >= 0).nonzero(as_tuple=True)[0]

@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_circuits.errors import TLCircuitsError
-from tl_circuits.graph.budget import CausalRows, causal_sizes, select_by_influence
+from tl_circuits.graph.budget import (
+    READ_ELEMENTS,
+    ROW_CHUNK,
+    STORE_ROWS,
+    CausalRows,
+    causal_sizes,
+    select_by_influence,
+)
 from tl_circuits.graph.causal_adjacency import CausalAdjacency, causal_groups
 from tl_circuits.graph.graph import AttributionGraph
 from tl_circuits.graph.nodes import (
@@ -43,7 +50,7 @@ from tl_circuits.model.devices import available_memory_bytes
 from tl_circuits.model.prompt import Prompt
 from tl_circuits.replacement.context import FeatureTable, ReplacementContext
 from tl_circuits.replacement.frozen import BackwardWorkspace, Seeds, SparseSeeds
-from tl_circuits.replacement.sources import ColumnSink, SourceColumns
+from tl_circuits.replacement.sources import GATHER_ELEMENTS, ColumnSink, SourceColumns
 from tl_circuits.storage import SpillFile
 from tl_circuits.transcoders.base import Transcoders
 
@@ -54,6 +61,10 @@ def _zero_node_constants(ctx: ReplacementContext) -> tuple[list[Tensor], Tensor]
     rec, _ = ctx.run_zero_nodes()
     assert rec.final_normalized is not None
     return [rec.pre_activations[la][0] for la in range(ctx.n_layers)], rec.final_normalized[0]
+
+
+#: bytes of index bookkeeping per column of a budgeted build (:func:`estimate_memory_bytes`)
+BOOKKEEPING_BYTES = 64
 
 
 def estimate_memory_bytes(
@@ -77,7 +88,8 @@ def estimate_memory_bytes(
     n_cols``), one batch's reused buffers (the backward workspace, five ``[pos, batch,
     d_model]``-sized tensors, and the ``[batch, n_cols]`` edge rows) and, for a budgeted
     build, the influence ranking's temporaries (the visited-by-visited block and its
-    series, one batch of rows while it is stored, 128 stored rows read and their ``|.|``)
+    series, a few rows of a batch while it is stored, a chunk of stored rows read and its
+    ``|.|``, the sink's decoder gather)
     and the graph's edges (``final_elements``, default a dense ``n_nodes x n_nodes`` with
     ``n_nodes`` default ``n_rows``). Decoder rows are gathered per (layer, position) range
     into one small buffer and not counted.
@@ -88,8 +100,15 @@ def estimate_memory_bytes(
     if budgeted:
         nodes = n_rows if n_nodes is None else n_nodes
         final = nodes * nodes if final_elements is None else final_elements
-        temps = 2 * batch * n_cols + 2 * 128 * n_cols  # storing a batch; reading 128 rows
+        # storing a batch (STORE_ROWS rows at a time); reading stored rows (a chunk and its
+        # |.|); the sink's padded decoder gather and its product
+        read = min(ROW_CHUNK * n_cols, READ_ELEMENTS)
+        gather = min(GATHER_ELEMENTS, n_cols * d_model)
+        temps = 2 * STORE_ROWS * n_cols + 2 * read + 2 * gather
         extra = (2 * n_rows * n_rows + final + temps) * element_size
+        # per-column bookkeeping: the feature table, the sink's padded decoder indices, the
+        # worst-case sort (int64 tensors, about 8 per column)
+        extra += BOOKKEEPING_BYTES * n_cols
     return rows + working + extra
 
 
