@@ -26,8 +26,8 @@ from tl_circuits.storage import SpillFile
 
 #: rows of a stored group read at once (bounds the ``[rows, n_causal]`` temporaries) ...
 ROW_CHUNK = 128
-#: ... and at most this many elements (64 MiB of float32): a long prompt's rows are wide
-READ_ELEMENTS = 1 << 24
+#: ... and at most this many elements (16 MiB of float32): a long prompt's rows are wide
+READ_ELEMENTS = 1 << 22
 #: rows of a batch handled at once while storing it (its ``[rows, n_cols]`` temporaries)
 STORE_ROWS = 8
 
