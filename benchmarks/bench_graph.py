@@ -175,6 +175,31 @@ def randomise_(model: HookedTransformer, seed: int) -> None:
                 param.copy_(noise / fan_in**0.5)
 
 
+def bench_transcoders(model: HookedTransformer, n_tokens: int | None, seed: int = 0):
+    """The benchmark's transcoders: random SAE-Lens JumpReLU, d_sae 8192, calibrated on
+    random prompts of ``n_tokens`` (None: the default length) to about 64 active features
+    per layer and position at that length (early positions activate more than late ones)."""
+    return random_transcoders(
+        model,
+        "jumprelu",
+        d_sae=8192,
+        active_fraction=64 / 8192,
+        seed=seed,
+        calibration_positions=n_tokens,
+    )
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a benchmark ran: platform, CPUs, torch threads, Python and torch versions."""
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
 def random_prompt(n_tokens: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + n_tokens)
     tokens = torch.randint(0, BOS, (n_tokens,), generator=gen)
@@ -455,16 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     model = gpt2_small_random(args.seed)
 
     def make_transcoders(n_tokens: int | None):
-        # calibrated on prompts of the traced length: about 64 active features per layer
-        # and position at that length (early positions activate more than late ones)
-        return random_transcoders(
-            model,
-            "jumprelu",
-            d_sae=8192,
-            active_fraction=64 / 8192,
-            seed=args.seed,
-            calibration_positions=n_tokens,
-        )
+        return bench_transcoders(model, n_tokens, args.seed)
 
     tcs = make_transcoders(None)
     saes = list(tcs.saes)
@@ -484,13 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = parse_cases(args.cases, args.budget)
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "model": "random GPT-2 small shape (12x768, d_mlp 3072, vocab 50257)",
         "transcoders": "random SAE-Lens JumpReLU, d_sae 8192, ~64 active per layer/pos",
         "batch_size": args.batch_size,

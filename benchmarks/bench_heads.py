@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_graph import gpt2_small_random, measure, random_prompt
+from bench_graph import bench_transcoders, gpt2_small_random, machine_info, measure, random_prompt
 
 from tl_circuits import HeadLoadings
 from tl_circuits.graph import AttributionGraph
 from tl_circuits.graph.context import graph_context
-from tl_circuits.testing import random_transcoders
 from tl_circuits.transcoders.base import Transcoders
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,14 +50,7 @@ def benchmark_graph(
     build time beside it (``build.json``); later calls load it and re-attach a context
     rebuilt from the same (deterministic) model and transcoders."""
     model = gpt2_small_random(seed)
-    tcs = random_transcoders(
-        model,
-        "jumprelu",
-        d_sae=8192,
-        active_fraction=64 / 8192,
-        seed=seed,
-        calibration_positions=tokens,
-    )
+    tcs = bench_transcoders(model, tokens, seed)
     folder = RESULTS_DIR / f"graph_{tokens}_{budget}_{seed}"
     record = folder / "build.json"
     if record.is_file() and not rebuild:
@@ -116,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "tokens": args.tokens,
         "budget": args.budget,
         "graph_nodes": graph.n_nodes,

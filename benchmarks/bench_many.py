@@ -55,19 +55,11 @@ def default_loader():
 
 
 def gpt2_loader(seed: int = 0):
-    from bench_graph import gpt2_small_random
+    from bench_graph import bench_transcoders, gpt2_small_random
 
-    from tl_circuits.testing import random_transcoders
 
     model = gpt2_small_random(seed)
-    tcs = random_transcoders(
-        model,
-        "jumprelu",
-        d_sae=8192,
-        active_fraction=64 / 8192,
-        seed=seed,
-        calibration_positions=16,
-    )
+    tcs = bench_transcoders(model, 16, seed)
     return model, tcs
 
 

@@ -24,14 +24,7 @@ def prune_and_score(graph: AttributionGraph) -> tuple[AttributionGraph, object]:
 
 def main() -> None:
     model = bg.gpt2_small_random(0)
-    tcs = bg.random_transcoders(
-        model,
-        "jumprelu",
-        d_sae=8192,
-        active_fraction=64 / 8192,
-        seed=0,
-        calibration_positions=N_TOKENS,
-    )
+    tcs = bg.bench_transcoders(model, N_TOKENS, 0)
     prompt = bg.random_prompt(N_TOKENS, 0)
     graph = AttributionGraph.build(model, tcs, prompt, batch_size=256, show_progress=False)
     dense = graph.with_adjacency(graph.edges.to_dense())

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_graph import measure
+from bench_graph import machine_info, measure
 from bench_heads import benchmark_graph
 
 from tl_circuits import QKAttribution, QKBasis
@@ -141,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "tokens": args.tokens,
         "budget": args.budget,
         "layer": layer,

@@ -64,14 +64,10 @@ def probe(argv: list[str]) -> int:
     from tl_circuits.graph import AttributionGraph
     from tl_circuits.graph import build as build_mod
     from tl_circuits.replacement.context import ReplacementContext
-    from tl_circuits.testing import random_transcoders
 
     n_ctx = max(1024, args.tokens)
     model = bg.gpt2_small_random(args.seed, n_ctx=n_ctx)
-    tcs = random_transcoders(
-        model, "jumprelu", d_sae=8192, active_fraction=64 / 8192, seed=args.seed,
-        calibration_positions=args.tokens,
-    )
+    tcs = bg.bench_transcoders(model, args.tokens, args.seed)
     prompt = bg.random_prompt(args.tokens, args.seed)
     out: dict[str, Any] = {"system": args.system, "tokens": args.tokens, "budget": args.budget,
                            "batch_size": args.batch_size, "n_ctx": n_ctx,
