@@ -240,7 +240,7 @@ def select_by_influence(
     Before each batch, every feature's influence on the targets is recomputed from the rows
     known so far (``target_rows`` ``[n_tgt, n_cols]`` and the visited features';
     :class:`_Ranking`) and the top unvisited features are computed next
-    (:func:`top_unvisited`). Returns the visited feature indices in visiting order (the
+    (:func:`rank_unvisited`). Returns the visited feature indices in visiting order (the
     order of ``store``'s slots) and the tie count.
     """
     n_feat, device = store.n_feat, target_rows.device
@@ -253,11 +253,12 @@ def select_by_influence(
         n_done = len(chosen)
         take = min(batch_size, budget - n_done)
         influence, kept = ranking.influence(chosen, candidates)
-        idx, n_tied = top_unvisited(influence, visited, take)
+        order = rank_unvisited(influence, visited)  # one sort for the batch and candidates
+        idx, n_tied = cut_ranking(order, influence, take)
         tied += n_tied
         visited[idx] = True
         # the next read keeps the entries of the likeliest next batch's columns
-        candidates = top_unvisited(influence, visited, CANDIDATES_PER_TAKE * batch_size)[0]
+        candidates = order[take : take + CANDIDATES_PER_TAKE * batch_size]
         idx, dense = feature_rows(idx)  # in the order the passes computed them
         ranking.add_batch(chosen, idx, dense, kept)
         store.add(idx, dense)
@@ -364,13 +365,22 @@ class _Kept:
             self.values[slots[:, None], at[keep][None, :]] = block
 
 
+def rank_unvisited(influence: Tensor, visited: Tensor) -> Tensor:
+    """The unvisited features, most influential first (ties: lower index first)."""
+    order = torch.sort(influence.masked_fill(visited, -1.0), descending=True, stable=True)
+    return order.indices[: int((~visited).sum())]
+
+
+def cut_ranking(order: Tensor, influence: Tensor, take: int) -> tuple[Tensor, int]:
+    """The first ``take`` of ``order`` (:func:`rank_unvisited`) and how many of them tie
+    exactly with the best one left out."""
+    idx = order[:take]
+    if take >= len(order):
+        return idx, 0
+    return idx, int((influence[idx] == influence[order[take]]).sum())
+
+
 def top_unvisited(influence: Tensor, visited: Tensor, take: int) -> tuple[Tensor, int]:
     """The ``take`` unvisited features of highest influence (ties: lower index first) and
     how many of them tie exactly with an unvisited feature left out."""
-    influence = influence.masked_fill(visited, -1.0)
-    order = torch.sort(influence, descending=True, stable=True).indices
-    idx = order[:take]
-    if take >= int((~visited).sum()):
-        return idx, 0
-    cut = influence[order[take]]  # the best feature left out
-    return idx, int((influence[idx] == cut).sum())
+    return cut_ranking(rank_unvisited(influence, visited), influence, take)
