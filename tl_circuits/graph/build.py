@@ -55,12 +55,20 @@ from tl_circuits.storage import SpillFile
 from tl_circuits.transcoders.base import Transcoders
 
 
-def _zero_node_constants(ctx: ReplacementContext) -> tuple[list[Tensor], Tensor]:
-    """Pre-activations (per layer, ``[pos, d_sae]``) and final-norm output ``[pos, d_model]``
-    of the frozen replacement model with every node zero (the constants ``c_t``)."""
+def _zero_node_constants(ctx: ReplacementContext, features: FeatureTable) -> tuple[Tensor, Tensor]:
+    """The constants ``c_t`` (DESIGN.md §2, G1): what the frozen replacement model with every
+    node zero gives each active feature's pre-activation (``[n_features]``, in ``features``'
+    order) and the final norm's output (``[pos, d_model]``). Only the active features'
+    entries are kept: the dense ``[pos, d_sae]`` per layer would be 0.6 GB at 1,600 tokens
+    on the benchmark model, held through the whole build."""
     rec, _ = ctx.run_zero_nodes()
     assert rec.final_normalized is not None
-    return [rec.pre_activations[la][0] for la in range(ctx.n_layers)], rec.final_normalized[0]
+    pres = torch.empty(len(features), dtype=ctx.compute_dtype, device=ctx.embeddings.device)
+    for layer in range(ctx.n_layers):
+        at = (features.layer == layer).nonzero(as_tuple=True)[0]
+        dense = rec.pre_activations[layer][0]
+        pres[at] = ctx.in_compute(dense[features.pos[at], features.feature[at]])
+    return pres, rec.final_normalized[0]
 
 
 #: bytes of index bookkeeping per column of a budgeted build (:func:`estimate_memory_bytes`)
@@ -159,7 +167,7 @@ def build_graph(
     need, limit = _check_memory(plan, batch_size, memory_limit_bytes, max_feature_nodes, spill)
     # the constants' zero-node forward pass runs before the adjacency exists, so its
     # transients (the unembedding) never coincide with it
-    zero_pres, zero_final = _zero_node_constants(ctx)
+    zero_pres, zero_final = _zero_node_constants(ctx, plan.columns.features)
     passes = _RowPasses(plan, batch_size)
     progress = tqdm(
         total=plan.n_targets + plan.budget,
@@ -547,10 +555,11 @@ def _kept_edges(
 
 
 def _row_values(
-    plan: _Plan, selected: Tensor, zero_pres: list[Tensor], zero_final: Tensor
+    plan: _Plan, selected: Tensor, zero_pres: Tensor, zero_final: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(row_values, constants)`` ``[n_nodes]``: each selected feature's pre-activation and
-    each target's value, and the parts of them due to constants (G1)."""
+    each target's value, and the parts of them due to constants (G1; ``zero_pres``
+    ``[n_features]`` and ``zero_final`` from :func:`_zero_node_constants`)."""
     ctx, features, n_tgt = plan.ctx, plan.columns.features, plan.n_targets
     n_nodes = len(selected) + plan.columns.n_cols - plan.columns.n_features + n_tgt
     dtype, device = ctx.compute_dtype, ctx.embeddings.device
@@ -558,9 +567,9 @@ def _row_values(
     row_values = torch.zeros(n_nodes, dtype=dtype, device=device)
     layers, poss = features.layer[selected], features.pos[selected]
     feats = features.feature[selected]
+    constants[: len(selected)] = zero_pres[selected]
     for layer in range(ctx.n_layers):
         mask = (layers == layer).nonzero(as_tuple=True)[0]
-        constants[mask] = ctx.in_compute(zero_pres[layer][poss[mask], feats[mask]])
         row_values[mask] = ctx.in_compute(ctx.pre_activations[layer][poss[mask], feats[mask]])
     constants[n_nodes - n_tgt :] = target_values(plan.targets, ctx.in_compute(zero_final))
     final = ctx.in_compute(ctx.final_normalized)
