@@ -95,12 +95,11 @@ def estimate_memory_bytes(
     rows when the feature rows are spilled to disk; default the dense ``n_rows x
     n_cols``), one batch's reused buffers (the backward workspace, five ``[pos, batch,
     d_model]``-sized tensors, and the ``[batch, n_cols]`` edge rows) and, for a budgeted
-    build, the influence ranking's temporaries (the visited-by-visited block and its
-    series, a few rows of a batch while it is stored, a chunk of stored rows read and its
-    ``|.|``, the sink's decoder gather)
-    and the graph's edges (``final_elements``, default a dense ``n_nodes x n_nodes`` with
-    ``n_nodes`` default ``n_rows``). Decoder rows are gathered per (layer, position) range
-    into one small buffer and not counted.
+    build, the influence ranking's temporaries (the visited-by-visited block, whose series
+    is vectors; a few rows of a batch while it is stored; a chunk of stored rows read and
+    its ``|.|``; the sink's decoder gather) and the graph's edges (``final_elements``,
+    default a dense ``n_nodes x n_nodes`` with ``n_nodes`` default ``n_rows``). Decoder rows
+    are gathered per (layer, position) range into one small buffer and not counted.
     """
     rows = (n_rows * n_cols if stored_elements is None else stored_elements) * element_size
     working = batch * (5 * n_pos * d_model + n_cols) * element_size
@@ -113,7 +112,7 @@ def estimate_memory_bytes(
         read = min(ROW_CHUNK * n_cols, READ_ELEMENTS)
         gather = min(GATHER_ELEMENTS, n_cols * d_model)
         temps = 2 * STORE_ROWS * n_cols + 2 * read + 2 * gather
-        extra = (2 * n_rows * n_rows + final + temps) * element_size
+        extra = (n_rows * n_rows + final + temps) * element_size
         # per-column bookkeeping: the feature table, the sink's padded decoder indices, the
         # worst-case sort (int64 tensors, about 8 per column)
         extra += BOOKKEEPING_BYTES * n_cols
