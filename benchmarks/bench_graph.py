@@ -453,7 +453,13 @@ def main(argv: list[str] | None = None) -> int:
         "in its own process, until one passes --limit-gib of build memory (longest.py)",
     )
     ap.add_argument("--longest-ours", default="1024,1600", help="lengths probed for ours")
-    ap.add_argument("--longest-ct", default="128,192,256", help="lengths for circuit-tracer")
+    ap.add_argument(
+        "--longest-ct", default="128,144,256,384", help="lengths for circuit-tracer"
+    )
+    ap.add_argument(
+        "--longest-ct-batch", default="256,32",
+        help="circuit-tracer's batch sizes in --longest (each searched over --longest-ct)",
+    )
     ap.add_argument("--ours-batch", type=int, default=64, help="ours' batch in --longest")
     ap.add_argument("--spill-dir", default=None, help="ours' spill_dir in --longest")
     ap.add_argument("--limit-gib", type=float, default=20.0)
@@ -513,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         import longest
 
         longest_argv = ["--ours", args.longest_ours, "--ct", args.longest_ct]
-        longest_argv += ["--ct-batch", str(args.batch_size), "--budget", str(args.budget)]
+        longest_argv += ["--ct-batch", args.longest_ct_batch, "--budget", str(args.budget)]
         longest_argv += ["--limit-gib", str(args.limit_gib), "--batch-size", str(args.ours_batch)]
         if args.spill_dir:
             longest_argv += ["--spill-dir", args.spill_dir]

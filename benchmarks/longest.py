@@ -218,7 +218,10 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="probe lengths for ours and circuit-tracer")
     ap.add_argument("--ours", default="1024,1600", help="lengths to probe for ours")
     ap.add_argument("--ct", default="", help="lengths to probe for circuit-tracer")
-    ap.add_argument("--ct-batch", type=int, default=256)
+    ap.add_argument(
+        "--ct-batch", default="256,32",
+        help="circuit-tracer's batch sizes, each searched over --ct (its default is 256)",
+    )
     ap.add_argument("--batch-size", type=int, default=64, help="ours")
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--limit-gib", type=float, default=20.0)
@@ -246,13 +249,18 @@ def main(argv: list[str]) -> int:
         results["ours_longest"], _ = search(
             "ours", ours_lengths, budget=args.budget, batch_size=args.batch_size,
             limit_bytes=limit, spill_dir=args.spill_dir, log=log)
-    if ct_lengths:
-        results["ct_longest"], _ = search(
-            "ct", ct_lengths, budget=args.budget, batch_size=args.ct_batch, limit_bytes=limit,
-            spill_dir=None, log=log)
-    if results.get("ours_longest") and results.get("ct_longest"):
-        results["length_ratio"] = results["ours_longest"] / results["ct_longest"]
-        print(f"length ratio ours / circuit-tracer: {results['length_ratio']:.1f}x")
+    ct_batches = [int(x) for x in args.ct_batch.split(",") if x] if ct_lengths else []
+    results["ct_longest"], results["length_ratio"] = {}, {}
+    for batch in ct_batches:
+        longest, _ = search("ct", ct_lengths, budget=args.budget, batch_size=batch,
+                            limit_bytes=limit, spill_dir=None, log=log)
+        results["ct_longest"][str(batch)] = longest
+        if results.get("ours_longest") and longest:
+            ratio = results["ours_longest"] / longest
+            results["length_ratio"][str(batch)] = ratio
+            print(f"length ratio ours / circuit-tracer at batch {batch}: {ratio:.1f}x "
+                  f"({results['ours_longest']} / {longest} tokens; each the longest probed "
+                  "length that fit)")
     args.out.write_text(json.dumps(results, indent=2))
     return 0
 
