@@ -564,12 +564,8 @@ def _row_values(
     dtype, device = ctx.compute_dtype, ctx.embeddings.device
     constants = torch.zeros(n_nodes, dtype=dtype, device=device)
     row_values = torch.zeros(n_nodes, dtype=dtype, device=device)
-    layers, poss = features.layer[selected], features.pos[selected]
-    feats = features.feature[selected]
     constants[: len(selected)] = zero_pres[selected]
-    for layer in range(ctx.n_layers):
-        mask = (layers == layer).nonzero(as_tuple=True)[0]
-        row_values[mask] = ctx.in_compute(ctx.pre_activations[layer][poss[mask], feats[mask]])
+    row_values[: len(selected)] = ctx.in_compute(features.pre_activation[selected])
     constants[n_nodes - n_tgt :] = target_values(plan.targets, ctx.in_compute(zero_final))
     final = ctx.in_compute(ctx.final_normalized)
     row_values[n_nodes - n_tgt :] = target_values(plan.targets, final)
